@@ -1,0 +1,23 @@
+"""Local optimizers: SGD, SAM, ASAM, multi-step FGSM SAM, and the plug-in point for your own."""
+
+from .base import PerturbThenDescend
+from .batchnorm import FirstPassStats, batchnorm_layers, frozen_running_stats
+from .fgsm import FGSMSAM, l2_equivalent_rho
+from .registry import OptimizerSpecError, build, names, portable_spec, register, resolve
+from .sam import SAM
+
+__all__ = [
+    "FGSMSAM",
+    "FirstPassStats",
+    "OptimizerSpecError",
+    "PerturbThenDescend",
+    "SAM",
+    "batchnorm_layers",
+    "build",
+    "frozen_running_stats",
+    "l2_equivalent_rho",
+    "names",
+    "portable_spec",
+    "register",
+    "resolve",
+]

@@ -1,0 +1,81 @@
+"""What every perturb-then-descend optimizer shares: the base optimizer, exact restore, state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+Closure = Callable[[], torch.Tensor]
+
+
+class PerturbThenDescend(torch.optim.Optimizer):
+    """Wraps a base optimizer that takes exactly one step per minibatch, at the restored weights.
+
+    Subclasses move the weights to ``w + ε`` (``first_step``); ``second_step`` puts ``w`` back
+    bit for bit and lets the base optimizer step with the gradient found at ``w + ε``. The base
+    optimizer shares ``param_groups``, so schedulers and ``group["lr"]`` edits reach it, and it
+    is exposed as ``base_optimizer`` so a training loop can hook its step (see ``fedsam.train``).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: Callable[..., torch.optim.Optimizer],
+        defaults: dict[str, Any],
+        base_kwargs: dict[str, Any],
+    ) -> None:
+        super().__init__(params, {**defaults, **base_kwargs})
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self._perturbed: list[torch.Tensor] = []
+
+    def _buffers(self, params: list[torch.Tensor], name: str) -> list[torch.Tensor]:
+        """Per-parameter scratch tensors, allocated on first use and reused every step."""
+        out = []
+        for p in params:
+            state = self.state[p]
+            if name not in state:
+                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            out.append(state[name])
+        return out
+
+    @staticmethod
+    def _with_grad(group: dict) -> list[torch.Tensor]:
+        return [p for p in group["params"] if p.grad is not None]
+
+    def _remember(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copy ``w`` aside so ``second_step`` can restore it exactly."""
+        old = self._buffers(params, "old_p")
+        torch._foreach_copy_(old, params)
+        self._perturbed.extend(params)
+        return old
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore ``w`` exactly and take the base step with the gradient at ``w + ε``."""
+        if self._perturbed:
+            torch._foreach_copy_(self._perturbed, [self.state[p]["old_p"] for p in self._perturbed])
+            self._perturbed = []
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state (momentum buffers, groups); the perturbation lives one step only."""
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+
+
+def require_closure(closure: Closure | None, name: str) -> Closure:
+    if closure is None:
+        raise ValueError(
+            f"{name}.step needs a closure that zeroes the gradients, runs forward and backward "
+            "on the minibatch, and returns the loss"
+        )
+    return torch.enable_grad()(closure)

@@ -1,0 +1,89 @@
+"""SAM and ASAM: step to the approximate worst point in a ρ-ball, take the base step from there.
+
+Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization" (ICLR 2021);
+Kwon et al., "ASAM: Adaptive Sharpness-Aware Minimization" (ICML 2021). For one minibatch::
+
+    g     = ∇L(w)
+    ε     = ρ · T² g / (‖T g‖₂ + 1e-12)     T = 1 (SAM), or |w| + η on weight tensors (ASAM)
+    g_sam = ∇L(w + ε)
+    w     ← base step from w with g_sam
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .base import Closure, PerturbThenDescend, require_closure
+
+
+class SAM(PerturbThenDescend):
+    """Sharpness-aware wrapper around any ``torch.optim`` optimizer; ``adaptive=True`` gives ASAM.
+
+    ``rho``, ``adaptive`` and ``eta`` may differ per parameter group; ``‖T g‖₂`` is taken over all
+    parameters together. ASAM's scale ``T = |w| + eta`` applies to weight tensors (``ndim > 1``:
+    convolution and linear weights); biases and normalization parameters keep ``T = 1``.
+
+    ``step(closure)`` runs both passes itself: the closure zeroes the gradients, runs forward and
+    backward on the same minibatch, and returns the loss. (davda54/sam's ``step`` expects the
+    first backward to be done before it is called; this one calls it.)
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: Callable[..., torch.optim.Optimizer],
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eta: float = 0.01,
+        **base_kwargs: Any,
+    ) -> None:
+        if not rho > 0:
+            raise ValueError(f"rho must be > 0, got {rho}")
+        if not eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        super().__init__(params, base_optimizer, dict(rho=rho, adaptive=adaptive, eta=eta), base_kwargs)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move from ``w`` to ``w + ε`` using the gradients now in ``p.grad``."""
+        pending = []
+        sq_norms = []
+        for group in self.param_groups:
+            params = self._with_grad(group)
+            if not params:
+                continue
+            self._remember(params)
+            eps = self._buffers(params, "e_w")
+            torch._foreach_copy_(eps, [p.grad for p in params])
+            weights, scale = [], []
+            if group["adaptive"]:
+                weights = [i for i, p in enumerate(params) if p.ndim > 1]
+                scale = torch._foreach_abs([params[i] for i in weights])
+                torch._foreach_add_(scale, group["eta"])
+                torch._foreach_mul_([eps[i] for i in weights], scale)  # e_w = T g
+            sq_norms.append(torch.stack(torch._foreach_norm(eps)).square().sum())
+            pending.append((group, params, eps, weights, scale))
+
+        if not pending:
+            return
+        norm = torch.stack(sq_norms).sum().sqrt()
+        for group, params, eps, weights, scale in pending:
+            if weights:
+                torch._foreach_mul_([eps[i] for i in weights], scale)  # e_w = T² g
+            torch._foreach_mul_(eps, group["rho"] / (norm + 1e-12))
+            torch._foreach_add_(params, eps)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
+        """Two forward/backward passes on the closure's minibatch; returns the loss at ``w``."""
+        closure = require_closure(closure, "SAM")
+        loss = closure()
+        self.first_step()
+        closure()
+        self.second_step()
+        return loss
