@@ -24,7 +24,10 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="fedsam", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fedsam {fedsam.__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    from simulations import partition  # the commands import this module for UsageError
+
+    partition.register(subparsers)
     return parser
 
 
@@ -40,6 +43,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"fedsam {args.command}: error: {exc}\n")
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())
