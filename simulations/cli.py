@@ -25,9 +25,10 @@ def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="fedsam", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fedsam {fedsam.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    from simulations import partition  # the commands import this module for UsageError
+    from simulations import partition, run  # the commands import this module for UsageError
 
     partition.register(subparsers)
+    run.register(subparsers)
     return parser
 
 

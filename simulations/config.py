@@ -28,6 +28,7 @@ else:  # pragma: no cover
 
 STRATEGIES = ("fedavg", "fedsam", "mofedsam", "fedavgm")
 DEFAULT_OPTIMIZER = {"fedavg": "sgd", "fedavgm": "sgd", "fedsam": "sam", "mofedsam": "sam"}
+FEDERATED_RHO = 0.1
 
 
 class ConfigError(ValueError):
@@ -70,7 +71,7 @@ class ExperimentConfig:
     ascent_momentum: float = _f(0.0, "MI-FGSM momentum μ of fgsm-sam")
     local_epochs: int = _f(1, "local epochs per round")
     batch_size: int = _f(50, "local minibatch size")
-    lr: float = _f(0.01, "local learning rate η_l in round 1")
+    lr: float = _f(0.05, "local learning rate η_l in round 1")
     lr_decay: float = _f(1.0, "η_l is multiplied by this after every round (FL-Simulator: 0.998)")
     weight_decay: float = _f(0.0, "local weight decay")
     momentum: float = _f(0.0, "local SGD momentum")
@@ -89,8 +90,15 @@ class ExperimentConfig:
     def partition_spec(self) -> PartitionSpec:
         return PartitionSpec(self.partition, self.num_clients, self.seed, self.dirichlet_alpha, self.classes_per_client)
 
-    def optimizer_spec(self) -> str:
-        return self.optimizer or DEFAULT_OPTIMIZER[self.strategy]
+    def resolved(self) -> "ExperimentConfig":
+        """The same config with the strategy-dependent defaults written out: the client optimizer
+        (SAM for fedsam and mofedsam, SGD otherwise) and, for SAM under a SAM strategy, the
+        federated papers' ρ = 0.1."""
+        optimizer = self.optimizer or DEFAULT_OPTIMIZER[self.strategy]
+        rho = self.rho
+        if rho is None and optimizer == "sam" and self.strategy in ("fedsam", "mofedsam"):
+            rho = FEDERATED_RHO
+        return dataclasses.replace(self, optimizer=optimizer, rho=rho)
 
     def to_dict(self) -> dict[str, Any]:
         """Dashed keys, as in flags, TOML and config.json."""

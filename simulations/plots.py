@@ -35,3 +35,23 @@ def label_heatmap(counts: np.ndarray, classes: Sequence[str], path: str | Path, 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def run_curves(records: list[dict], path: str | Path, title: str) -> None:
+    """Test accuracy and train loss against round, for one run."""
+    evaluated = [r for r in records if r.get("test_accuracy") is not None]
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    acc_ax.plot([r["round"] for r in evaluated], [r["test_accuracy"] for r in evaluated], marker="." if
+                len(evaluated) < 40 else None)
+    acc_ax.set_xlabel("round")
+    acc_ax.set_ylabel("test accuracy")
+    acc_ax.grid(alpha=0.3)
+    trained = [r for r in records if r.get("train_loss") is not None]
+    loss_ax.plot([r["round"] for r in trained], [r["train_loss"] for r in trained], color="tab:orange")
+    loss_ax.set_xlabel("round")
+    loss_ax.set_ylabel("train loss (clients)")
+    loss_ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

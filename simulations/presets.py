@@ -4,7 +4,7 @@ PRESETS: dict[str, dict] = {
     # A first run: minutes on a laptop CPU, and SAM's effect already visible in the curves.
     "quickstart": {
         "dataset": "cifar10", "model": "cnn", "partition": "dirichlet", "dirichlet-alpha": 0.3,
-        "num-clients": 10, "clients-per-round": 5, "rounds": 30, "local-epochs": 1, "batch-size": 32,
+        "num-clients": 10, "clients-per-round": 5, "rounds": 30, "local-epochs": 2, "batch-size": 32,
         "strategy": "fedsam", "optimizer": "sam", "rho": 0.1, "lr": 0.05, "momentum": 0.0,
         "weight-decay": 4e-4, "eval-every": 1,
     },

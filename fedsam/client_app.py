@@ -1,0 +1,147 @@
+"""The Flower ClientApp: local training with any ``fedsam.optim`` optimizer on one partition.
+
+A train message carries the global arrays and a config (optimizer spec and options, lr, local
+epochs, batch size, weight decay, momentum, gradient clipping, seed, and the data and split to
+use); MoFedSAM adds a ``"momentum"`` ArrayRecord. The node's partition id comes from
+``context.node_config["partition-id"]`` (``--node-config`` on a SuperNode, set by the
+Simulation Engine otherwise); ``data-dir`` in the node config overrides the message's, for
+nodes that keep the data elsewhere.
+
+Each worker process keeps, across rounds and clients: the dataset on the training device, the
+partition (every process derives the same one from the dataset, scheme, parameters and seed),
+and one model per architecture. A round then costs a gather of the client's images, a
+``load_state_dict`` and the training itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsam.data import DeviceBatches, PartitionSpec, load, make_partition
+from fedsam.models import build_model
+from fedsam.optim import build
+from fedsam.train import train_locally
+
+app = ClientApp()
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    images: torch.Tensor
+    labels: torch.Tensor
+    labels_numpy: np.ndarray
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but no CUDA device is visible to this process")
+    return torch.device("cuda")
+
+
+@lru_cache(maxsize=2)
+def device_data(dataset: str, data_dir: str, device: str) -> DeviceData:
+    data = load(dataset, data_dir)
+    return DeviceData(data.train_images.to(device), data.train_labels.to(device), data.train_labels.numpy(),
+                      data.num_classes, data.mean, data.std)
+
+
+@lru_cache(maxsize=4)
+def client_indices(dataset: str, data_dir: str, spec: PartitionSpec, device: str) -> tuple[torch.Tensor, ...]:
+    data = device_data(dataset, data_dir, device)
+    partition = make_partition(data.labels_numpy, spec, data.num_classes)
+    return tuple(torch.from_numpy(idx).to(device) for idx in partition.clients)
+
+
+@lru_cache(maxsize=4)
+def cached_model(name: str, num_classes: int, norm: str, device: str) -> torch.nn.Module:
+    return build_model(name, num_classes, norm).to(device)
+
+
+def partition_of(context: Context, config: ConfigRecord) -> tuple[int, str]:
+    """This node's partition id and data folder, checked against the run's number of clients."""
+    node = context.node_config
+    if "partition-id" not in node:
+        raise ValueError("this node has no 'partition-id' in its node config (--node-config \"partition-id=0 ...\")")
+    pid, clients = int(node["partition-id"]), int(config["num-clients"])
+    declared = int(node.get("num-partitions", clients))
+    if declared != clients:
+        raise ValueError(f"this node was started for {declared} partitions but the run has {clients} clients")
+    if not 0 <= pid < clients:
+        raise ValueError(f"partition-id {pid} is outside 0..{clients - 1}")
+    return pid, str(node.get("data-dir", config["data-dir"]))
+
+
+def round_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """Independent, reproducible randomness per (run seed, round, client), whatever process runs it."""
+    return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
+
+
+def optimizer_options(config: ConfigRecord) -> dict:
+    return {
+        "lr": float(config["lr"]),
+        "momentum": float(config.get("momentum", 0.0)),
+        "weight_decay": float(config.get("weight-decay", 0.0)),
+        "rho": config.get("rho"),
+        "eta": config.get("eta"),
+        "steps": config.get("fgsm-steps"),
+        "ascent_momentum": config.get("ascent-momentum"),
+    }
+
+
+def partition_spec(config: ConfigRecord) -> PartitionSpec:
+    return PartitionSpec(str(config["partition"]), int(config["num-clients"]), int(config["seed"]),
+                         float(config["dirichlet-alpha"]), int(config["classes-per-client"]))
+
+
+@app.query("partition_id")
+def answer_partition_id(msg: Message, context: Context) -> Message:
+    """Lets the server map this node to its partition, for seeded client sampling."""
+    node = context.node_config
+    if "partition-id" not in node:
+        raise ValueError("this node has no 'partition-id' in its node config")
+    record = ConfigRecord({"partition-id": int(node["partition-id"]),
+                           "num-partitions": int(node.get("num-partitions", -1))})
+    return Message(RecordDict({"partition": record}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    pid, data_dir = partition_of(context, config)
+    device = resolve_device(str(config.get("device", "auto")))
+    dataset = str(config["dataset"])
+    data = device_data(dataset, data_dir, str(device))
+    idx = client_indices(dataset, data_dir, partition_spec(config), str(device))[pid]
+    seed = round_seed(int(config["seed"]), int(config["server-round"]), pid)
+    torch.manual_seed(seed)
+
+    batches = DeviceBatches(data.images[idx], data.labels[idx], int(config["batch-size"]), mean=data.mean,
+                            std=data.std, augment=True, shuffle=True, seed=seed)
+    model = cached_model(str(config["model"]), data.num_classes, str(config.get("norm", "group")), str(device))
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    optimizer = build(str(config["optimizer"]), model.parameters(), **optimizer_options(config))
+    momentum = None
+    if "momentum" in msg.content:
+        momentum = {k: t.to(device) for k, t in msg.content["momentum"].to_torch_state_dict().items()}
+    result = train_locally(model, optimizer, batches, int(config["local-epochs"]),
+                           grad_clip=float(config.get("grad-clip", 0.0)), global_momentum=momentum,
+                           momentum_alpha=float(config.get("momentum-alpha", 1.0)), num_examples=len(idx))
+    metrics = MetricRecord({
+        "num-examples": result.num_examples,
+        "num-steps": result.num_steps,
+        "train-loss": result.loss,
+        "train-accuracy": result.accuracy,
+        "seconds": result.seconds,
+    })
+    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)

@@ -1,0 +1,141 @@
+"""Local training and evaluation: the client's hot loop, usable without Flower.
+
+``train_locally`` runs any optimizer that follows the ``fedsam.optim`` protocol over minibatches
+that already live on the training device. Per step it builds nothing: one closure, made once,
+reads the current minibatch; running loss and accuracy stay on the device until the end, so
+the loop never waits for the device (no ``.item()`` per step).
+
+Two things happen right before each descent step, after the last gradient is known:
+
+- MoFedSAM's global-momentum mix ``v = α·g + (1 − α)·m`` (``global_momentum``, ``momentum_alpha``);
+- gradient-norm clipping (``grad_clip``).
+
+For a multi-pass optimizer they hook its ``base_optimizer.step``, so the ascent passes see the
+plain gradient; for a first-order optimizer they run at the end of its single closure call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedsam.optim import FirstPassStats
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    num_examples: int  # the client's dataset size n_i
+    num_steps: int  # optimizer steps K_i
+    loss: float  # mean training loss over the round, measured on each step's first pass
+    accuracy: float
+    seconds: float
+
+
+def _descent_transform(params: list[torch.Tensor], grad_clip: float,
+                       momentum: list[torch.Tensor] | None, alpha: float) -> Callable[[], None] | None:
+    if momentum is None and not grad_clip > 0:
+        return None
+
+    def transform() -> None:
+        if momentum is not None:
+            grads = [p.grad for p in params]
+            torch._foreach_mul_(grads, alpha)
+            torch._foreach_add_(grads, momentum, alpha=1.0 - alpha)
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+
+    return transform
+
+
+def train_locally(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    epochs: int,
+    *,
+    grad_clip: float = 0.0,
+    global_momentum: dict[str, torch.Tensor] | None = None,
+    momentum_alpha: float = 1.0,
+    autocast_dtype: torch.dtype | None = None,
+    num_examples: int | None = None,
+) -> LocalResult:
+    """Train ``model`` in place for ``epochs`` passes over ``batches``.
+
+    ``global_momentum`` maps parameter names to tensors on the model's device (MoFedSAM's
+    ``m_t``); ``autocast_dtype`` (e.g. ``torch.bfloat16`` on a GPU) runs the forward pass in
+    autocast while weights, gradients and SAM's perturbation norm stay in float32.
+    """
+    start = time.perf_counter()
+    model.train()
+    device = next(model.parameters()).device
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    momentum = [global_momentum[name] for name, _ in named] if global_momentum is not None else None
+    transform = _descent_transform(params, grad_clip, momentum, momentum_alpha)
+    base = getattr(optimizer, "base_optimizer", None)
+
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    batch: dict[str, torch.Tensor] = {}
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        x, y = batch["x"], batch["y"]
+        with autocast:
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        loss.backward()
+        if guarded.passes == 1:  # the step's first pass, at w: this is the training loss
+            loss_sum.add_(loss.detach() * len(y))
+            correct.add_((logits.argmax(dim=1) == y).sum())
+        if transform is not None and base is None:
+            transform()  # a first-order optimizer calls its closure once per step
+        return loss
+
+    guarded = FirstPassStats(model, closure)
+    hook = base.register_step_pre_hook(lambda *_: transform()) if transform is not None and base is not None else None
+    steps = seen = 0
+    try:
+        for _ in range(epochs):
+            for x, y in batches:
+                batch["x"], batch["y"] = x, y
+                guarded.new_step()
+                optimizer.step(guarded)
+                steps += 1
+                seen += len(y)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if steps == 0:
+        raise ValueError("no minibatch to train on")
+    mean_loss, accuracy = (loss_sum / seen).item(), correct.item() / seen
+    return LocalResult(num_examples if num_examples is not None else seen // epochs, steps, mean_loss, accuracy,
+                       time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             autocast_dtype: torch.dtype | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` over ``batches``."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    for x, y in batches:
+        with autocast:
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(dim=1) == y).sum()
+        seen += len(y)
+    return (loss_sum / seen).item(), correct.item() / seen

@@ -1,0 +1,167 @@
+"""One experiment, start to finish: check it, then round after round sample, train, aggregate,
+evaluate and record. ``fedsam run`` and the ``flwr run`` ServerApp both come here."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from fedsam.client_app import resolve_device
+from fedsam.data import DataError, DeviceBatches, ImageDataset, Partition, PartitionError, load, make_partition
+from fedsam.data import summarize, write_partition_json
+from fedsam.models import build_model
+from fedsam.optim import OptimizerSpecError, build, portable_spec
+from fedsam.train import evaluate
+from simulations import config as configuration
+from simulations.config import ConfigError, ExperimentConfig
+from simulations.results import RunRecorder, holds_a_run
+from strategies import FedAvg, FedAvgM, FedSAM, MoFedSAM
+
+EVAL_BATCH = 1000
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on (no client succeeded in a round, ...); the message says why."""
+
+
+@dataclass
+class Checked:
+    """A config that passed every check that needs no Ray, with what the checks loaded."""
+
+    cfg: ExperimentConfig
+    data: ImageDataset
+    partition: Partition
+
+
+def check(cfg: ExperimentConfig, out: Path | None = None) -> Checked:
+    """Everything that can fail before a cluster starts: names, numbers, data, split, optimizer, device, --out."""
+    configuration.validate(cfg)
+    if out is not None and (found := holds_a_run(out)):
+        raise ConfigError(f"--out {out} already holds a run ({found}); choose another folder")
+    try:
+        resolve_device(cfg.device)
+    except RuntimeError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        data = load(cfg.dataset, cfg.data_dir, download=cfg.download)
+        partition = make_partition(data.train_labels.numpy(), cfg.partition_spec(), data.num_classes)
+    except (DataError, PartitionError) as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        portable_spec(cfg.optimizer)
+        probe = build_model(cfg.model, data.num_classes, cfg.norm)
+        build(cfg.optimizer, probe.parameters(), **optimizer_options(cfg))
+    except OptimizerSpecError as exc:
+        raise ConfigError(str(exc)) from None
+    return Checked(cfg, data, partition)
+
+
+def optimizer_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "rho": cfg.rho,
+            "eta": cfg.eta, "steps": cfg.fgsm_steps, "ascent_momentum": cfg.ascent_momentum}
+
+
+def client_config(cfg: ExperimentConfig) -> ConfigRecord:
+    """What every train message carries; the strategy adds the round number and the round's lr."""
+    values: dict[str, Any] = {
+        "dataset": cfg.dataset, "data-dir": str(Path(cfg.data_dir).expanduser().resolve()),
+        "partition": cfg.partition, "num-clients": cfg.num_clients, "dirichlet-alpha": cfg.dirichlet_alpha,
+        "classes-per-client": cfg.classes_per_client, "seed": cfg.seed, "model": cfg.model, "norm": cfg.norm,
+        "optimizer": portable_spec(cfg.optimizer), "fgsm-steps": cfg.fgsm_steps,
+        "ascent-momentum": cfg.ascent_momentum, "local-epochs": cfg.local_epochs, "batch-size": cfg.batch_size,
+        "lr": cfg.lr, "weight-decay": cfg.weight_decay, "momentum": cfg.momentum, "grad-clip": cfg.grad_clip,
+        "device": cfg.device,
+    }
+    for name, value in (("rho", cfg.rho), ("eta", cfg.eta)):
+        if value is not None:
+            values[name] = float(value)
+    return ConfigRecord(values)
+
+
+def build_strategy(cfg: ExperimentConfig, parameter_keys: list[str]):
+    common = dict(seed=cfg.seed, sampling=cfg.client_sampling, lr_decay=cfg.lr_decay, server_lr=cfg.server_lr)
+    clients = (cfg.num_clients, cfg.clients_per_round)
+    if cfg.strategy == "fedavg":
+        return FedAvg(*clients, **common)
+    if cfg.strategy == "fedsam":
+        return FedSAM(*clients, **common)
+    if cfg.strategy == "mofedsam":
+        return MoFedSAM(*clients, alpha=cfg.momentum_alpha, parameter_keys=parameter_keys, **common)
+    return FedAvgM(*clients, server_momentum=cfg.server_momentum, **common)
+
+
+class CentralEvaluator:
+    """The global model on the whole test set, on the server's device."""
+
+    def __init__(self, model: torch.nn.Module, data: ImageDataset, device: torch.device) -> None:
+        self.model = model.to(device)
+        self.batches = DeviceBatches(data.test_images.to(device), data.test_labels.to(device), EVAL_BATCH,
+                                     mean=data.mean, std=data.std)
+
+    def __call__(self, arrays: ArrayRecord) -> tuple[float, float]:
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        return evaluate(self.model, self.batches)
+
+
+def title(cfg: ExperimentConfig) -> str:
+    split = cfg.partition_spec().describe()
+    return f"{cfg.strategy} · {cfg.optimizer} · {cfg.model} · {cfg.dataset} {split} · seed {cfg.seed}"
+
+
+def write_run_files(checked: Checked, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    configuration.write_json(checked.cfg, out / "config.json")
+    labels = checked.data.train_labels.numpy()
+    summary = summarize(checked.partition, labels, checked.data.num_classes)
+    write_partition_json(out / "partition.json", checked.cfg.dataset, checked.partition, summary)
+
+
+def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageDataset | None = None,
+                   echo: bool = True, round_timeout: float = 3600.0) -> dict[str, Any]:
+    """The federated rounds. ``cfg`` must be resolved (``ExperimentConfig.resolved``) and checked."""
+    started = time.monotonic()
+    device = resolve_device(cfg.device)
+    data = data or load(cfg.dataset, cfg.data_dir)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.num_classes, cfg.norm)
+    arrays = ArrayRecord(model.state_dict())
+    strategy = build_strategy(cfg, [name for name, _ in model.named_parameters()])
+    evaluator = CentralEvaluator(model, data, device)
+    train_config = client_config(cfg)
+    recorder = RunRecorder(out, cfg.rounds, title(cfg), echo=echo)
+
+    for rnd in range(1, cfg.rounds + 1):
+        round_start = time.monotonic()
+        messages = list(strategy.configure_train(rnd, arrays, train_config, grid))
+        replies = grid.send_and_receive(messages, timeout=round_timeout)
+        new_arrays, metrics = strategy.aggregate_train(rnd, replies)
+        failures = [{"client": pid, "reason": reason} for pid, reason in strategy.failures]
+        if new_arrays is None:
+            raise RunFailed(f"round {rnd}: no client succeeded" +
+                            (f" (client {failures[0]['client']}: {failures[0]['reason']})" if failures else ""))
+        arrays = new_arrays
+        record: dict[str, Any] = {
+            "round": rnd,
+            "clients": len(messages),
+            "failed_clients": len(failures),
+            "lr": strategy.round_lr,
+            "train_loss": float(metrics["train-loss"]),
+            "train_accuracy": float(metrics["train-accuracy"]),
+            "local_steps": int(metrics["num-steps"]),
+            "test_loss": None,
+            "test_accuracy": None,
+        }
+        if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
+            record["test_loss"], record["test_accuracy"] = evaluator(arrays)
+        if failures:
+            record["failures"] = failures
+        record["seconds"] = time.monotonic() - round_start
+        recorder.add(record)
+
+    return recorder.finish(arrays.to_torch_state_dict(), time.monotonic() - started)

@@ -1,0 +1,101 @@
+"""What a run leaves in its folder, written as it goes.
+
+| file | content |
+|---|---|
+| ``config.json`` | the resolved experiment config (every flag), written before the run starts |
+| ``partition.json`` | the split: clients' training-set indices and its heterogeneity summary |
+| ``metrics.jsonl`` | one JSON object per round, appended when the round ends |
+| ``summary.json`` | final and best test accuracy, wall time, written at the end |
+| ``model.pt`` | the final global model's ``state_dict`` |
+| ``accuracy.png`` | test accuracy and train loss against round |
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from simulations import plots
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
+
+
+def holds_a_run(out: Path) -> str | None:
+    """The first run file in ``out``, if a run already lives there."""
+    for name in RUN_FILES:
+        if (out / name).exists():
+            return name
+    return None
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class RunRecorder:
+    """Appends a line to ``metrics.jsonl`` per round, prints progress, writes the summary at the end."""
+
+    def __init__(self, out: Path, rounds: int, title: str, echo: bool = True) -> None:
+        self.out, self.rounds, self.title, self.echo = out, rounds, title, echo
+        self.records: list[dict[str, Any]] = read_metrics(out)
+        self.started = time.monotonic()
+        self.first_round = len(self.records) + 1
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.echo:
+            print(self.progress_line(record), flush=True)
+
+    def progress_line(self, record: dict[str, Any]) -> str:
+        done = record["round"] - self.first_round + 1
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / done * (self.rounds - record["round"])
+        parts = [f"round {record['round']:>{len(str(self.rounds))}}/{self.rounds}"]
+        if record.get("test_accuracy") is not None:
+            parts.append(f"test acc {record['test_accuracy']:.4f}  loss {record['test_loss']:.3f}")
+        parts.append(f"train loss {record['train_loss']:.3f}")
+        if record.get("failed_clients"):
+            parts.append(f"{record['failed_clients']} client(s) failed")
+        parts.append(f"{record['seconds']:.1f} s")
+        parts.append(f"elapsed {_duration(elapsed)}  ETA {_duration(eta)}")
+        return " · ".join(parts)
+
+    def finish(self, model_state: dict[str, torch.Tensor], wall_seconds: float, extra: dict | None = None) -> dict:
+        evaluated = [r for r in self.records if r.get("test_accuracy") is not None]
+        summary = {
+            "rounds": len(self.records),
+            "final_test_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
+            "final_test_loss": evaluated[-1]["test_loss"] if evaluated else None,
+            "best_test_accuracy": max(r["test_accuracy"] for r in evaluated) if evaluated else None,
+            "best_round": max(evaluated, key=lambda r: r["test_accuracy"])["round"] if evaluated else None,
+            "wall_seconds": wall_seconds,
+            **(extra or {}),
+        }
+        torch.save({k: v.detach().cpu() for k, v in model_state.items()}, self.out / "model.pt")
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plots.run_curves(self.records, self.out / "accuracy.png", self.title)
+        return summary
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None

@@ -1,0 +1,111 @@
+"""``fedsam run``: one federated simulation on Flower's Simulation Engine (Ray backend).
+
+Everything that can be wrong with the request is checked before Ray starts; then the ServerApp
+(this process, one thread) and the ClientApps (Ray actors, ``--num-cpus-per-client`` and
+``--num-gpus-per-client`` each) run the experiment, and the results land in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from simulations import config as configuration
+from simulations.cli import UsageError
+from simulations.config import ConfigError, ExperimentConfig
+from simulations.experiment import RunFailed, check, run_experiment, write_run_files
+from simulations.presets import PRESETS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("run", help="run a federated simulation", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=tuple(PRESETS), help="start from a named setting (flags override it)")
+    parser.add_argument("--config", metavar="FILE.toml", help="settings file: flag names as keys (flags override it)")
+    parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    configuration.add_flags(parser)
+    parser.set_defaults(handler=run)
+
+
+def resolve_args(args: argparse.Namespace) -> ExperimentConfig:
+    cfg = configuration.resolve(configuration.flags_given(args), preset=args.preset, config_file=args.config)
+    if not cfg.out:
+        raise ConfigError("--out is required: the folder for this run's results")
+    return cfg.resolved()
+
+
+def gpus_per_client(cfg: ExperimentConfig) -> float:
+    """``-1`` means: none on a CPU-only run, else a quarter of a GPU (four clients share one)."""
+    if cfg.num_gpus_per_client >= 0:
+        return cfg.num_gpus_per_client
+    from fedsam.client_app import resolve_device
+
+    return 0.0 if resolve_device(cfg.device).type == "cpu" else 0.25
+
+
+def backend_config(cfg: ExperimentConfig, verbose: bool) -> dict[str, Any]:
+    init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose}
+    if not verbose:
+        init_args["logging_level"] = logging.ERROR
+    return {
+        "client_resources": {"num_cpus": cfg.num_cpus_per_client, "num_gpus": gpus_per_client(cfg)},
+        "init_args": init_args,
+    }
+
+
+def quiet_flower(verbose: bool) -> None:
+    """Flower logs every message at INFO; our own progress lines say what a user needs."""
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def simulate(cfg: ExperimentConfig, out: Path, verbose: bool = False, **experiment_kwargs: Any) -> dict[str, Any]:
+    """Run the experiment on the Simulation Engine; returns the summary."""
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedsam.client_app import app as client_app
+
+    quiet_flower(verbose)
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
+    summary: dict[str, Any] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Any) -> None:
+        summary.update(run_experiment(grid, cfg, out, echo=True, **experiment_kwargs))
+
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.num_clients,
+                   backend_config=backend_config(cfg, verbose), verbose_logging=verbose)
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = resolve_args(args)
+        out = Path(cfg.out)
+        checked = check(cfg, out)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    write_run_files(checked, out)
+    print(f"fedsam run → {out}: {cfg.strategy} with {cfg.optimizer} on {cfg.model}, {cfg.dataset} "
+          f"{cfg.partition_spec().describe()}, {cfg.num_clients} clients ({cfg.clients_per_round} per round), "
+          f"{cfg.rounds} rounds, seed {cfg.seed}", flush=True)
+    try:
+        summary = simulate(cfg, out, args.verbose, data=checked.data)
+    except RunFailed as exc:
+        sys.stderr.write(f"fedsam run: the run stopped: {exc}\n")
+        return 1
+    if not summary:
+        sys.stderr.write("fedsam run: the simulation ended without finishing its rounds (see --verbose)\n")
+        return 1
+    print(f"done in {summary['wall_seconds']:.1f} s · final test accuracy {summary['final_test_accuracy']:.4f} · "
+          f"best {summary['best_test_accuracy']:.4f} (round {summary['best_round']})")
+    print(f"results in {out}/: config.json partition.json metrics.jsonl summary.json model.pt accuracy.png")
+    return 0

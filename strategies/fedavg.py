@@ -1,0 +1,185 @@
+"""FedAvg with a server learning rate and a per-round local-lr decay (McMahan et al. 2017).
+
+Round t: sample clients, send ``w_t`` and the round's config, clients train, then
+
+    Δ̄ = Σ_i n_i (w_i − w_t) / Σ_i n_i,    w_{t+1} = w_t + η_g · Δ̄
+
+(``η_g = 1`` is plain averaging). The local learning rate of round t is ``lr · lr_decay^(t−1)``.
+Built on Flower's message-API ``FedAvg``, so any Flower ServerApp can drive it with
+``strategy.start(...)``; what it adds is shared with FedAvgM through ``SeededRounds``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from flwr.supercore import log
+
+from .sampling import ClientSampler, query_partition_ids
+
+
+def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted train loss and accuracy; totals and extremes for the rest."""
+    metrics = [next(iter(r.metric_records.values())) for r in records]
+    weights = np.array([float(m[weight_key]) for m in metrics])
+    out = MetricRecord({weight_key: int(weights.sum()), "num-clients": len(metrics)})
+    for name in ("train-loss", "train-accuracy"):
+        if all(name in m for m in metrics):
+            out[name] = float(np.dot(weights, [float(m[name]) for m in metrics]) / weights.sum())
+    if all("num-steps" in m for m in metrics):
+        out["num-steps"] = int(sum(int(m["num-steps"]) for m in metrics))
+    if all("seconds" in m for m in metrics):
+        out["client-seconds-max"] = float(max(float(m["seconds"]) for m in metrics))
+    return out
+
+
+def _is_finite(record: ArrayRecord) -> bool:
+    return all(np.isfinite(a.numpy()).all() for a in record.values() if np.issubdtype(np.dtype(a.dtype), np.inexact))
+
+
+class SeededRounds:
+    """Seeded client sampling over partition ids, the local-lr schedule, and replies in partition order.
+
+    Flower's node ids change every run; partition ids do not. Aggregating in partition order (not
+    arrival order) keeps floating-point sums identical from run to run.
+    """
+
+    def _init_rounds(self, num_clients: int, clients_per_round: int, seed: int, sampling: str,
+                     lr_decay: float, query_timeout: float) -> None:
+        if not 0 < lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
+        self.sampler = ClientSampler(num_clients, clients_per_round, seed, sampling)
+        self.lr_decay = lr_decay
+        self.query_timeout = query_timeout
+        self.node_of: dict[int, int] | None = None  # partition id -> node id, asked once
+        self.partition_of_node: dict[int, int] = {}
+        self.current_arrays: ArrayRecord | None = None
+        self.round_lr: float | None = None
+        self.failures: list[tuple[int, str]] = []  # (partition id, reason) of the last round
+
+    def local_lr(self, server_round: int, lr: float) -> float:
+        return lr * self.lr_decay ** (server_round - 1)
+
+    def _nodes(self, grid: Grid) -> dict[int, int]:
+        if self.node_of is None:
+            wanted = self.sampler.num_clients
+            node_ids = _wait_for_nodes(grid, wanted, self.query_timeout)
+            self.node_of = query_partition_ids(grid, node_ids, self.query_timeout)
+            self.partition_of_node = {node: pid for pid, node in self.node_of.items()}
+            missing = sorted(set(range(wanted)) - set(self.node_of))
+            if missing:
+                raise RuntimeError(f"no node holds partition ids {missing[:10]} (expected 0..{wanted - 1})")
+        return self.node_of
+
+    def partition_of(self, reply: Message) -> int:
+        return self.partition_of_node[reply.metadata.src_node_id]
+
+    def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        """The config sent this round: the caller's, plus the round number and its local lr."""
+        out = ConfigRecord(dict(config))
+        out["server-round"] = server_round
+        if "lr" in config:
+            self.round_lr = self.local_lr(server_round, float(config["lr"]))
+            out["lr"] = self.round_lr
+        return out
+
+    def round_content(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
+        return RecordDict({"arrays": arrays, "config": self.round_config(server_round, config)})
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.current_arrays = arrays
+        node_of = self._nodes(grid)
+        content = self.round_content(server_round, arrays, config)
+        return [Message(content, dst_node_id=node_of[pid], message_type=MessageType.TRAIN)
+                for pid in self.sampler.sample(server_round)]
+
+    def usable_replies(self, replies: Iterable[Message]) -> list[Message]:
+        """Replies that carry finite arrays, in partition order; the rest go to ``self.failures``."""
+        usable, self.failures = [], []
+        for reply in sorted(replies, key=self.partition_of):
+            pid = self.partition_of(reply)
+            if reply.has_error():
+                self.failures.append((pid, reply.error.reason or f"error code {reply.error.code}"))
+            elif not all(_is_finite(r) for r in reply.content.array_records.values()):
+                self.failures.append((pid, "non-finite values in the returned arrays"))
+            else:
+                usable.append(reply)
+        for pid, reason in self.failures:
+            log(WARNING, "client %d failed: %s", pid, reason)
+        return usable
+
+    def apply_server_lr(self, server_lr: float, averaged: ArrayRecord) -> ArrayRecord:
+        """``w_t + η_g (avg − w_t)``, in float64, cast back to each array's dtype."""
+        if server_lr == 1.0 or self.current_arrays is None:
+            return averaged
+        out = ArrayRecord()
+        for key, new in averaged.items():
+            old = self.current_arrays[key].numpy()
+            step = old.astype(np.float64) + server_lr * (new.numpy().astype(np.float64) - old)
+            out[key] = Array(np.asarray(step.astype(old.dtype)))
+        return out
+
+
+def _wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
+    """All ``wanted`` nodes (SuperNodes may still be connecting); more than that is an error."""
+    import time
+
+    start = last_report = time.monotonic()
+    while len(nodes := list(grid.get_node_ids())) < wanted:
+        now = time.monotonic()
+        if now - start > timeout:
+            raise RuntimeError(f"only {len(nodes)} of {wanted} nodes connected within {timeout:.0f} s")
+        if now - last_report >= 10:
+            log(WARNING, "waiting for nodes: %d of %d connected", len(nodes), wanted)
+            last_report = now
+        time.sleep(0.2)
+    if len(nodes) > wanted:
+        raise RuntimeError(f"{len(nodes)} nodes are connected but the run has {wanted} clients (one node per partition)")
+    return nodes
+
+
+class FedAvg(SeededRounds, FlowerFedAvg):
+    """FedAvg with server lr ``η_g``, local-lr decay and seeded, partition-keyed sampling.
+
+    ``num_clients`` is the number of partitions (SuperNodes); each round ``clients_per_round``
+    of them train (``sampling="bernoulli"``: each with probability clients_per_round/num_clients).
+    The train config's ``lr`` is the round-1 local lr.
+    """
+
+    def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
+                 server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0) -> None:
+        if not (server_lr > 0 and math.isfinite(server_lr)):
+            raise ValueError(f"server_lr must be > 0, got {server_lr}")
+        super().__init__(fraction_train=clients_per_round / num_clients, fraction_evaluate=0.0,
+                         min_train_nodes=1, min_evaluate_nodes=0, min_available_nodes=num_clients,
+                         train_metrics_aggr_fn=aggregate_train_metrics)
+        self._init_rounds(num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout)
+        self.server_lr = server_lr
+
+    def summary(self) -> None:
+        super().summary()
+        log(INFO, "\t└──> %s: %d clients, %d per round (%s), seed %d, server lr %g, lr decay %g",
+            type(self).__name__, self.sampler.num_clients, self.sampler.per_round, self.sampler.mode,
+            self.sampler.seed, self.server_lr, self.lr_decay)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        usable = self.usable_replies(replies)
+        if not usable:
+            return None, None
+        return self.aggregate_usable(server_round, usable)
+
+    def aggregate_usable(self, server_round: int,
+                         usable: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate replies already checked by ``usable_replies``."""
+        averaged, metrics = FlowerFedAvg.aggregate_train(self, server_round, usable)
+        if averaged is None:
+            return None, metrics
+        return self.apply_server_lr(self.server_lr, averaged), metrics

@@ -1,0 +1,31 @@
+"""FedAvgM (Hsu et al. 2019): Flower's own server momentum, ``v ← β v − Δ̄``, ``w ← w − η_g v``,
+with this package's seeded sampling and local-lr decay."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvgM as FlowerFedAvgM
+
+from .fedavg import SeededRounds, aggregate_train_metrics
+
+
+class FedAvgM(SeededRounds, FlowerFedAvgM):
+    """Flower's FedAvgM (``server_lr`` = η_g, ``server_momentum`` = β) with seeded sampling."""
+
+    def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
+                 server_lr: float = 1.0, server_momentum: float = 0.9, lr_decay: float = 1.0,
+                 query_timeout: float = 600.0) -> None:
+        super().__init__(server_learning_rate=server_lr, server_momentum=server_momentum,
+                         fraction_train=clients_per_round / num_clients, fraction_evaluate=0.0,
+                         min_train_nodes=1, min_evaluate_nodes=0, min_available_nodes=num_clients,
+                         train_metrics_aggr_fn=aggregate_train_metrics)
+        self._init_rounds(num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        usable = self.usable_replies(replies)
+        if not usable:
+            return None, None
+        return super().aggregate_train(server_round, usable)

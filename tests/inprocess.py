@@ -1,0 +1,64 @@
+"""A Flower Grid that hands each message straight to a ClientApp in this process: the server's
+round loop and the strategies run exactly as under Ray, without Ray."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+
+def _ensure_task_identity() -> None:
+    try:
+        TaskIdentity.run_id  # noqa: B018 - raises when unset
+    except RuntimeError:
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+class InProcessGrid(Grid):
+    def __init__(self, client_app, num_nodes: int, node_config: dict | None = None, id_seed: int = 7):
+        # Node ids are arbitrary and unordered, as Flower's are; partition ids are 0..n-1.
+        self.node_ids = [(id_seed * 7919 + 104729 * (pid + 1)) % 2**31 for pid in range(num_nodes)]
+        self.app = client_app
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                          node_config={"partition-id": pid, "num-partitions": num_nodes, **(node_config or {})})
+            for pid, node in enumerate(self.node_ids)
+        }
+        self.delivered: list[Message] = []
+        # Messages take their run and sender from the process's task identity (the ServerApp's).
+        _ensure_task_identity()
+
+    def set_run(self, run) -> None:  # pragma: no cover - not needed here
+        self._run = run
+
+    @property
+    def run(self):  # pragma: no cover
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # pragma: no cover
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages):  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for message in messages:
+            self.delivered.append(message)
+            try:
+                reply = self.app(message, self.contexts[message.metadata.dst_node_id])
+            except Exception as exc:  # noqa: BLE001 - Flower turns ClientApp exceptions into error replies
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
+                                reply_to=message)
+            replies.append(reply)
+        return replies

@@ -1,0 +1,99 @@
+"""The ClientApp's handlers on a synthetic partition, called as Flower calls them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fedsam.client_app import app, round_seed
+from fedsam.data import PartitionSpec, load, make_partition
+from fedsam.models import build_model
+from simulations.config import ExperimentConfig
+from simulations.experiment import client_config
+from tests.inprocess import _ensure_task_identity
+
+
+def _config(cifar10_dir, **overrides) -> ConfigRecord:
+    cfg = ExperimentConfig(data_dir=str(cifar10_dir), num_clients=4, partition="dirichlet", dirichlet_alpha=0.5,
+                           batch_size=32, local_epochs=2, device="cpu", **overrides).resolved()
+    record = client_config(cfg)
+    record["server-round"] = 3
+    return record
+
+
+def _context(pid, num=4, **extra):
+    return Context(run_id=1, node_id=100 + pid, state=RecordDict(), run_config={},
+                   node_config={"partition-id": pid, "num-partitions": num, **extra})
+
+
+def _message(config, model, message_type="train", momentum=None):
+    _ensure_task_identity()
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
+    if momentum is not None:
+        content["momentum"] = momentum
+    return Message(content, dst_node_id=101, message_type=message_type)
+
+
+def test_train_handler_trains_its_own_partition(cifar10_dir):
+    config = _config(cifar10_dir, strategy="fedsam")
+    torch.manual_seed(0)
+    model = build_model("cnn", 10)
+    reply = app(_message(config, model), _context(1))
+    assert not reply.has_error(), reply.error
+    metrics = reply.content["metrics"]
+    data = load("cifar10", cifar10_dir)
+    part = make_partition(data.train_labels.numpy(), PartitionSpec("dirichlet", 4, 0, 0.5, 2), 10)
+    n = len(part.clients[1])
+    assert metrics["num-examples"] == n
+    assert metrics["num-steps"] == 2 * -(-n // 32) - (2 if n % 32 == 1 and n > 32 else 0)
+    assert np.isfinite(metrics["train-loss"]) and 0 <= metrics["train-accuracy"] <= 1
+    new = reply.content["arrays"].to_torch_state_dict()
+    assert set(new) == set(model.state_dict())
+    assert any(not torch.equal(new[k], v) for k, v in model.state_dict().items())
+
+
+def test_same_message_same_result_and_round_seeds_differ(cifar10_dir):
+    config = _config(cifar10_dir)
+    torch.manual_seed(0)
+    model = build_model("cnn", 10)
+    first = app(_message(config, model), _context(2)).content["arrays"].to_torch_state_dict()
+    again = app(_message(config, model), _context(2)).content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert round_seed(0, 3, 2) != round_seed(0, 4, 2) != round_seed(0, 3, 1)
+
+
+def test_momentum_record_reaches_training(cifar10_dir):
+    config = _config(cifar10_dir, strategy="mofedsam")
+    torch.manual_seed(0)
+    model = build_model("cnn", 10)
+    plain = app(_message(config, model), _context(0)).content["arrays"].to_torch_state_dict()
+    config["momentum-alpha"] = 0.5
+    momentum = ArrayRecord({name: torch.full_like(p, 0.01) for name, p in model.named_parameters()})
+    mixed = app(_message(config, model, momentum=momentum), _context(0)).content["arrays"].to_torch_state_dict()
+    assert any(not torch.equal(plain[k], mixed[k]) for k in plain)
+
+
+def test_query_handler_says_the_partition_id(cifar10_dir):
+    msg = _message(ConfigRecord(), build_model("cnn", 10), message_type="query.partition_id")
+    reply = app(msg, _context(3))
+    assert reply.content["partition"]["partition-id"] == 3
+
+
+@pytest.mark.parametrize("node_config,fragment", [
+    ({"num-partitions": 4}, "no 'partition-id'"),
+    ({"partition-id": 4, "num-partitions": 4}, "outside 0..3"),
+    ({"partition-id": 0, "num-partitions": 5}, "5 partitions"),
+])
+def test_nodes_with_a_bad_partition_id_fail_clearly(cifar10_dir, node_config, fragment):
+    ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config={}, node_config=node_config)
+    with pytest.raises(ValueError, match=fragment):
+        app(_message(_config(cifar10_dir), build_model("cnn", 10)), ctx)
+
+
+def test_node_data_dir_overrides_the_message(cifar10_dir, tmp_path):
+    config = _config(cifar10_dir)
+    config["data-dir"] = str(tmp_path / "elsewhere")
+    reply = app(_message(config, build_model("cnn", 10)), _context(0, **{"data-dir": str(cifar10_dir)}))
+    assert "num-examples" in reply.content["metrics"]

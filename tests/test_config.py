@@ -1,0 +1,93 @@
+"""The experiment config: layering, coercion, validation, presets, resolved defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from simulations import config
+from simulations.config import ConfigError, ExperimentConfig
+from simulations.presets import PRESETS
+
+
+def test_layers_defaults_preset_file_flags(tmp_path):
+    toml = tmp_path / "exp.toml"
+    toml.write_text('preset = "quickstart"\nrounds = 7\nlr = 0.2\n"dirichlet-alpha" = 1.5\n')
+    cfg = config.resolve({"lr": 0.3}, config_file=str(toml))
+    assert cfg.model == "cnn" and cfg.strategy == "fedsam"  # from the preset
+    assert cfg.rounds == 7 and cfg.dirichlet_alpha == 1.5  # from the file
+    assert cfg.lr == 0.3  # from the flags
+    assert config.resolve({}, preset="caldarola-cifar10", config_file=str(toml)).num_clients == 100
+
+
+def test_every_preset_is_a_valid_config():
+    for name in PRESETS:
+        cfg = config.resolve({}, preset=name).resolved()
+        config.validate(cfg)
+    fls = config.resolve({}, preset="fl-simulator-cifar10")
+    assert (fls.model, fls.strategy, fls.client_sampling, fls.lr_decay, fls.grad_clip) == \
+        ("resnet18-fls", "mofedsam", "bernoulli", 0.998, 10.0)
+
+
+def test_resolved_fills_in_the_strategy_defaults():
+    assert ExperimentConfig(strategy="fedsam").resolved().optimizer == "sam"
+    assert ExperimentConfig(strategy="fedsam").resolved().rho == 0.1
+    assert ExperimentConfig(strategy="fedavg").resolved().optimizer == "sgd"
+    assert ExperimentConfig(strategy="fedavg").resolved().rho is None
+    assert ExperimentConfig(strategy="mofedsam", optimizer="asam").resolved().rho is None
+
+
+def test_keys_are_the_flag_names_both_ways():
+    cfg = config.apply(ExperimentConfig(), {"num-clients": 4, "clients_per_round": 2}, "test")
+    assert (cfg.num_clients, cfg.clients_per_round) == (4, 2)
+    assert set(ExperimentConfig().to_dict()) == {f.name.replace("_", "-") for f in dataclasses.fields(ExperimentConfig)}
+
+
+@pytest.mark.parametrize("values,fragment", [
+    ({"rounds": "ten"}, "rounds must be int"),
+    ({"rounds": 2.5}, "rounds must be int"),
+    ({"lr": True}, "lr must be float"),
+    ({"download": "maybe"}, "download must be bool"),
+    ({"learning-rate": 0.1}, "unknown setting 'learning-rate'"),
+])
+def test_bad_values_and_unknown_keys(values, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        config.apply(ExperimentConfig(), values, "test")
+
+
+def test_unreadable_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.resolve({}, config_file=str(tmp_path / "none.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = = 3\n")
+    with pytest.raises(ConfigError, match="not readable TOML"):
+        config.resolve({}, config_file=str(bad))
+    nested = tmp_path / "nested.toml"
+    nested.write_text("[run]\nrounds = 3\n")
+    with pytest.raises(ConfigError, match="top-level"):
+        config.resolve({}, config_file=str(nested))
+    with pytest.raises(ConfigError, match="unknown preset"):
+        config.resolve({}, preset="nope")
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    ({"clients_per_round": 11}, "clients-per-round (11) is above num-clients (10)"),
+    ({"rounds": 0}, "rounds must be >= 1"),
+    ({"batch_size": 0}, "batch-size must be >= 1"),
+    ({"lr": 0.0}, "lr must be > 0"),
+    ({"lr": -0.1}, "lr must be > 0"),
+    ({"lr": float("nan")}, "lr must be a finite number"),
+    ({"lr_decay": 1.5}, "lr-decay must be in (0, 1]"),
+    ({"momentum": 1.0}, "momentum must be in [0, 1)"),
+    ({"momentum_alpha": 0.0}, "momentum-alpha must be in (0, 1]"),
+    ({"rho": 0.0}, "rho must be > 0"),
+    ({"strategy": "scaffold"}, "unknown strategy 'scaffold'"),
+    ({"model": "vit"}, "unknown model 'vit'"),
+    ({"dataset": "mnist"}, "unknown dataset 'mnist'"),
+    ({"num_gpus_per_client": -0.5}, "num-gpus-per-client"),
+])
+def test_validation_messages(changes, fragment):
+    with pytest.raises(ConfigError) as info:
+        config.validate(dataclasses.replace(ExperimentConfig(), **changes))
+    assert fragment in str(info.value)

@@ -1,0 +1,43 @@
+"""The `flwr run .` side: pyproject's app section and the ServerApp reading the run config."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from flwr.app import Context, RecordDict
+
+from fedsam.client_app import app as client_app
+from simulations.config import ExperimentConfig
+from simulations.server_app import app as server_app
+from tests.conftest import ROOT
+from tests.inprocess import InProcessGrid
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+NOT_IN_RUN_CONFIG = {"download", "num-cpus-per-client", "num-gpus-per-client", "optimizer", "rho", "eta"}
+
+
+def _pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_the_app_components_and_run_config_match_the_experiment_config():
+    flwr = _pyproject()["tool"]["flwr"]["app"]
+    assert flwr["components"] == {"serverapp": "simulations.server_app:app", "clientapp": "fedsam.client_app:app"}
+    defaults = {k: v for k, v in ExperimentConfig().to_dict().items() if k not in NOT_IN_RUN_CONFIG}
+    assert flwr["config"] == defaults
+
+
+def test_the_server_app_runs_an_experiment_from_the_run_config(cifar10_dir, tmp_path):
+    run_config = {k: v for k, v in _pyproject()["tool"]["flwr"]["app"]["config"].items()}
+    run_config.update({"data-dir": str(cifar10_dir), "num-clients": 3, "clients-per-round": 2, "rounds": 2,
+                       "strategy": "fedsam", "device": "cpu", "out": str(tmp_path / "flwr")})
+    context = Context(run_id=9, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    server_app(grid=InProcessGrid(client_app, 3), context=context)
+    cfg = json.loads((tmp_path / "flwr" / "config.json").read_text())
+    assert cfg["strategy"] == "fedsam" and cfg["optimizer"] == "sam" and cfg["num-clients"] == 3
+    assert len((tmp_path / "flwr" / "metrics.jsonl").read_text().splitlines()) == 2
