@@ -80,7 +80,10 @@ class ExperimentConfig:
     device: str = _f("auto", "where clients train and the server evaluates", ("auto", "cpu", "cuda"))
     num_cpus_per_client: float = _f(1.0, "CPU cores Ray reserves per client")
     num_gpus_per_client: float = _f(-1.0, "GPU share Ray reserves per client, e.g. 0.25 (-1 = auto)")
+    ray_num_cpus: int = _f(0, "CPU cores the local Ray instance may use (0 = all; a sweep sets it per run)")
     eval_every: int = _f(1, "evaluate the global model on the test set every this many rounds")
+    sharpness_every: int = _f(0, "record the global model's top Hessian eigenvalue every this many rounds (0 = off)")
+    sharpness_samples: int = _f(1024, "size of the fixed, seeded training subset sharpness is measured on")
     out: str = _f("", "folder for this run's results")
 
     @classmethod
@@ -94,7 +97,7 @@ class ExperimentConfig:
         """The same config with the strategy-dependent defaults written out: the client optimizer
         (SAM for fedsam and mofedsam, SGD otherwise) and, for SAM under a SAM strategy, the
         federated papers' ρ = 0.1."""
-        optimizer = self.optimizer or DEFAULT_OPTIMIZER[self.strategy]
+        optimizer = self.optimizer or DEFAULT_OPTIMIZER.get(self.strategy, "sgd")  # validate() names a bad strategy
         rho = self.rho
         if rho is None and optimizer == "sam" and self.strategy in ("fedsam", "mofedsam"):
             rho = FEDERATED_RHO
@@ -201,7 +204,7 @@ def validate(cfg: ExperimentConfig) -> None:
         return value
 
     for name in ("num_clients", "rounds", "local_epochs", "batch_size", "eval_every", "clients_per_round",
-                 "fgsm_steps", "classes_per_client"):
+                 "fgsm_steps", "classes_per_client", "sharpness_samples"):
         need(getattr(cfg, name) >= 1, f"{key(name)} must be >= 1, got {getattr(cfg, name)}")
     need(cfg.clients_per_round <= cfg.num_clients,
          f"clients-per-round ({cfg.clients_per_round}) is above num-clients ({cfg.num_clients})")
@@ -218,6 +221,8 @@ def validate(cfg: ExperimentConfig) -> None:
     need(cfg.eta is None or finite("eta") >= 0, f"eta must be >= 0, got {cfg.eta}")
     need(finite("num_gpus_per_client") == -1 or cfg.num_gpus_per_client >= 0,
          f"num-gpus-per-client must be >= 0 (or -1 for auto), got {cfg.num_gpus_per_client}")
+    need(cfg.ray_num_cpus >= 0, f"ray-num-cpus must be >= 0 (0 = all), got {cfg.ray_num_cpus}")
+    need(cfg.sharpness_every >= 0, f"sharpness-every must be >= 0 (0 = off), got {cfg.sharpness_every}")
     need(bool(cfg.data_dir), "data-dir must not be empty")
 
 

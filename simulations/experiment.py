@@ -17,6 +17,7 @@ from fedsam.data import DataError, DeviceBatches, ImageDataset, Partition, Parti
 from fedsam.data import summarize, write_partition_json
 from fedsam.models import build_model
 from fedsam.optim import OptimizerSpecError, build, portable_spec
+from fedsam.sharpness import evaluation_subset, model_sharpness
 from fedsam.train import evaluate
 from simulations import config as configuration
 from simulations.config import ConfigError, ExperimentConfig
@@ -39,8 +40,10 @@ class Checked:
     partition: Partition
 
 
-def check(cfg: ExperimentConfig, out: Path | None = None) -> Checked:
-    """Everything that can fail before a cluster starts: names, numbers, data, split, optimizer, device, --out."""
+def check(cfg: ExperimentConfig, out: Path | None = None, data: ImageDataset | None = None) -> Checked:
+    """Everything that can fail before a cluster starts: names, numbers, data, split, optimizer, device, --out.
+
+    ``data``, if given, must be ``cfg``'s dataset already loaded (a sweep loads it once)."""
     configuration.validate(cfg)
     if out is not None and (found := holds_a_run(out)):
         raise ConfigError(f"--out {out} already holds a run ({found}); choose another folder")
@@ -49,7 +52,7 @@ def check(cfg: ExperimentConfig, out: Path | None = None) -> Checked:
     except RuntimeError as exc:
         raise ConfigError(str(exc)) from None
     try:
-        data = load(cfg.dataset, cfg.data_dir, download=cfg.download)
+        data = data or load(cfg.dataset, cfg.data_dir, download=cfg.download)
         partition = make_partition(data.train_labels.numpy(), cfg.partition_spec(), data.num_classes)
     except (DataError, PartitionError) as exc:
         raise ConfigError(str(exc)) from None
@@ -109,6 +112,23 @@ class CentralEvaluator:
         return evaluate(self.model, self.batches)
 
 
+class SharpnessProbe:
+    """λ_max of the global model's training loss on a fixed, seeded subset of the training set."""
+
+    def __init__(self, model: torch.nn.Module, data: ImageDataset, device: torch.device, size: int, seed: int) -> None:
+        self.model = model.to(device)
+        idx = evaluation_subset(len(data.train_images), size, seed)
+        mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
+        self.images = (data.train_images[idx].to(device).float() / 255 - mean) / std
+        self.labels = data.train_labels[idx].to(device)
+        self.seed = seed
+
+    def __call__(self, arrays: ArrayRecord) -> float:
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        return model_sharpness(self.model, self.images, self.labels, seed=self.seed)
+
+
 def title(cfg: ExperimentConfig) -> str:
     split = cfg.partition_spec().describe()
     return f"{cfg.strategy} · {cfg.optimizer} · {cfg.model} · {cfg.dataset} {split} · seed {cfg.seed}"
@@ -133,6 +153,10 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
     arrays = ArrayRecord(model.state_dict())
     strategy = build_strategy(cfg, [name for name, _ in model.named_parameters()])
     evaluator = CentralEvaluator(model, data, device)
+    probe = None
+    if cfg.sharpness_every:
+        probe = SharpnessProbe(build_model(cfg.model, data.num_classes, cfg.norm), data, device,
+                               cfg.sharpness_samples, cfg.seed)
     train_config = client_config(cfg)
     recorder = RunRecorder(out, cfg.rounds, title(cfg), echo=echo)
 
@@ -159,6 +183,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
         }
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
             record["test_loss"], record["test_accuracy"] = evaluator(arrays)
+        if probe is not None and (rnd % cfg.sharpness_every == 0 or rnd == cfg.rounds):
+            record["sharpness"] = probe(arrays)
         if failures:
             record["failures"] = failures
         record["seconds"] = time.monotonic() - round_start

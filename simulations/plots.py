@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def label_heatmap(counts: np.ndarray, classes: Sequence[str], path: str | Path, title: str) -> None:
@@ -44,6 +45,7 @@ def run_curves(records: list[dict], path: str | Path, title: str) -> None:
     acc_ax.plot([r["round"] for r in evaluated], [r["test_accuracy"] for r in evaluated], marker="." if
                 len(evaluated) < 40 else None)
     acc_ax.set_xlabel("round")
+    acc_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     acc_ax.set_ylabel("test accuracy")
     acc_ax.grid(alpha=0.3)
     trained = [r for r in records if r.get("train_loss") is not None]
@@ -55,3 +57,107 @@ def run_curves(records: list[dict], path: str | Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _label(config: dict, keys: list[str]) -> str:
+    return " ".join(f"{k}={config.get(k)}" for k in keys) or "runs"
+
+
+def _order(values) -> list:
+    return sorted(set(values), key=lambda v: (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)))
+
+
+def _mean_curve(runs) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    curves = []
+    for r in runs:
+        points = {m["round"]: m["test_accuracy"] for m in r.metrics if m.get("test_accuracy") is not None}
+        if points:
+            curves.append(points)
+    if not curves:
+        return None
+    rounds = sorted(set.intersection(*(set(c) for c in curves)))
+    values = np.array([[c[x] for x in rounds] for c in curves])
+    return np.array(rounds), values.mean(axis=0), values.std(axis=0, ddof=1) if len(curves) > 1 else 0 * values[0]
+
+
+def sweep_figures(rows, keys: list[str], directory: Path) -> list[str]:
+    """curves.png always; alpha.png and sharpness.png when there is something to show."""
+    written = []
+    panel_key = next((k for k in ("dirichlet-alpha", "partition", "classes-per-client") if k in keys), None)
+    line_keys = [k for k in keys if k != panel_key]
+    panels = _order(row.config.get(panel_key) for row in rows) if panel_key else [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), dpi=100, sharey=True, squeeze=False)
+    for ax, value in zip(axes[0], panels):
+        for i, row in enumerate(r for r in rows if panel_key is None or r.config.get(panel_key) == value):
+            curve = _mean_curve(row.done)
+            if curve is None:
+                continue
+            rounds, mean, std = curve
+            colour = f"C{[_label(r.config, line_keys) for r in rows].index(_label(row.config, line_keys)) % 10}"
+            ax.plot(rounds, mean, color=colour, label=_label(row.config, line_keys))
+            ax.fill_between(rounds, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
+        ax.set_title(f"{panel_key} = {value}" if panel_key else "test accuracy", fontsize=10)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (mean ± std over seeds)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if labels:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08 if labels else 0, 1, 1))
+    fig.savefig(directory / "curves.png")
+    plt.close(fig)
+    written.append("curves.png")
+
+    alphas = _order(row.config.get("dirichlet-alpha") for row in rows) if "dirichlet-alpha" in keys else []
+    others = [k for k in keys if k != "dirichlet-alpha"]
+
+    def by_alpha(metric, path: str, ylabel: str) -> None:
+        fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=100)
+        for name in _order(_label(row.config, others) for row in rows):
+            xs, ys, es = [], [], []
+            for alpha in alphas:
+                row = next((r for r in rows if r.config.get("dirichlet-alpha") == alpha
+                            and _label(r.config, others) == name), None)
+                values = [metric(r) for r in row.done] if row else []
+                values = [v for v in values if v is not None]
+                if values:
+                    xs.append(alpha)
+                    ys.append(np.mean(values))
+                    es.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+            if xs:
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("Dirichlet α (smaller = more heterogeneous)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(directory / path)
+        plt.close(fig)
+        written.append(path)
+
+    if len(alphas) >= 2:
+        by_alpha(lambda r: r.summary["final_test_accuracy"], "alpha.png", "final test accuracy (mean ± std)")
+    has_sharpness = any(r.summary.get("final_sharpness") is not None for row in rows for r in row.done)
+    if has_sharpness and len(alphas) >= 2:
+        by_alpha(lambda r: r.summary.get("final_sharpness"), "sharpness.png", "final λ_max (mean ± std)")
+    elif has_sharpness:
+        fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=100)
+        names = [_label(row.config, keys) for row in rows]
+        values = [[r.summary.get("final_sharpness") for r in row.done if r.summary.get("final_sharpness") is not None]
+                  for row in rows]
+        ax.bar(range(len(rows)), [np.mean(v) if v else 0 for v in values],
+               yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in values], capsize=3)
+        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("final λ_max")
+        fig.tight_layout()
+        fig.savefig(directory / "sharpness.png")
+        plt.close(fig)
+        written.append("sharpness.png")
+    return written

@@ -74,6 +74,8 @@ class RunRecorder:
         if record.get("test_accuracy") is not None:
             parts.append(f"test acc {record['test_accuracy']:.4f}  loss {record['test_loss']:.3f}")
         parts.append(f"train loss {record['train_loss']:.3f}")
+        if record.get("sharpness") is not None:
+            parts.append(f"λ_max {record['sharpness']:.1f}")
         if record.get("failed_clients"):
             parts.append(f"{record['failed_clients']} client(s) failed")
         parts.append(f"{record['seconds']:.1f} s")
@@ -89,6 +91,7 @@ class RunRecorder:
             "best_test_accuracy": max(r["test_accuracy"] for r in evaluated) if evaluated else None,
             "best_round": max(evaluated, key=lambda r: r["test_accuracy"])["round"] if evaluated else None,
             "wall_seconds": wall_seconds,
+            "final_sharpness": next((r["sharpness"] for r in reversed(self.records) if "sharpness" in r), None),
             **(extra or {}),
         }
         torch.save({k: v.detach().cpu() for k, v in model_state.items()}, self.out / "model.pt")

@@ -52,6 +52,8 @@ def backend_config(cfg: ExperimentConfig, verbose: bool) -> dict[str, Any]:
     init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose}
     if not verbose:
         init_args["logging_level"] = logging.ERROR
+    if cfg.ray_num_cpus:
+        init_args["num_cpus"] = cfg.ray_num_cpus
     return {
         "client_resources": {"num_cpus": cfg.num_cpus_per_client, "num_gpus": gpus_per_client(cfg)},
         "init_args": init_args,

@@ -1,0 +1,287 @@
+"""``fedsam report DIR``: one row per configuration, aggregated over seeds, plus plots.
+
+A *configuration* is everything in a run's config.json except the seed and where and on what
+hardware it ran. The table gives, as mean ± standard deviation over seeds (sample std):
+
+- the final test accuracy, and the mean over the last 10% of rounds (Caldarola et al.'s metric);
+- the best test accuracy; the rounds to reach ``--target``; the wall time;
+- the final sharpness (top Hessian eigenvalue), when the runs recorded it (``--sharpness-every``);
+- against the FedAvg + SGD configuration with the same other settings: the difference in final
+  accuracy ± its standard error, called *better* or *worse* only beyond two standard errors.
+
+Written into DIR: ``report.md``, ``report.csv``, ``curves.png`` (accuracy against round, a band
+of ±1 std across seeds), ``alpha.png`` (final accuracy against Dirichlet α, when α varies) and
+``sharpness.png`` (when sharpness was recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simulations.cli import UsageError
+
+NOT_CONFIGURATION = {"seed", "out", "data-dir", "download", "device", "num-cpus-per-client", "num-gpus-per-client",
+                     "ray-num-cpus"}
+METHOD_KEYS = {"strategy", "optimizer", "rho", "eta", "fgsm-steps", "ascent-momentum", "momentum-alpha",
+               "server-momentum"}
+
+
+@dataclass
+class RunResult:
+    name: str
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+    error: str | None = None
+
+
+@dataclass
+class Row:
+    key: tuple
+    config: dict[str, Any]
+    runs: list[RunResult] = field(default_factory=list)
+
+    @property
+    def done(self) -> list[RunResult]:
+        return [r for r in self.runs if r.summary is not None]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("report", help="tables and plots of a sweep (or of one run)", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("directory", metavar="DIR", help="a sweep folder, or one run's folder")
+    parser.add_argument("--target", type=float, help="accuracy (0-1) for 'rounds to target' "
+                        "(default: 80%% of the best configuration's mean final accuracy)")
+    parser.set_defaults(handler=run)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def collect(directory: Path) -> tuple[list[RunResult], list[dict[str, Any]]]:
+    """The runs under ``directory`` (or the run it is), and sweep runs that never wrote a config."""
+    folders = [directory] if (directory / "config.json").is_file() else \
+        sorted(p for p in directory.iterdir() if p.is_dir() and (p / "config.json").is_file())
+    sweep = _read_json(directory / "sweep.json") or {}
+    errors = {name: entry.get("error") for name, entry in sweep.get("runs", {}).items()}
+    runs = []
+    for folder in folders:
+        config = _read_json(folder / "config.json")
+        if not isinstance(config, dict):
+            continue
+        metrics = []
+        if (folder / "metrics.jsonl").is_file():
+            for line in (folder / "metrics.jsonl").read_text().splitlines():
+                try:
+                    metrics.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+        summary = _read_json(folder / "summary.json")
+        error = None if summary else (errors.get(folder.name) or "unfinished (no summary.json)")
+        runs.append(RunResult(folder.name, config, metrics, summary, error))
+    known = {r.name for r in runs}
+    lost = [{"name": name, "error": entry.get("error") or entry.get("status")}
+            for name, entry in sweep.get("runs", {}).items()
+            if name not in known and entry.get("status") in ("failed", "running", "pending")]
+    return runs, lost
+
+
+def group(runs: list[RunResult]) -> list[Row]:
+    rows: dict[tuple, Row] = {}
+    for r in runs:
+        config = {k: v for k, v in r.config.items() if k not in NOT_CONFIGURATION}
+        key = tuple(sorted((k, json.dumps(v)) for k, v in config.items()))
+        rows.setdefault(key, Row(key, config)).runs.append(r)
+    return list(rows.values())
+
+
+def varying_keys(rows: list[Row], directory: Path) -> list[str]:
+    """The settings that tell the rows apart: a sweep's ``--vary`` keys when they suffice (so that
+    settings derived from them, like the optimizer a strategy implies, do not clutter the labels),
+    otherwise every setting that differs."""
+    keys = sorted({k for row in rows for k in row.config})
+    differing = [k for k in keys if len({json.dumps(row.config.get(k)) for row in rows}) > 1]
+    vary = [k for k in (_read_json(directory / "sweep.json") or {}).get("vary", {}) if k in differing]
+    if vary and len({tuple(json.dumps(row.config.get(k)) for k in vary) for row in rows}) == len(rows):
+        return vary
+    return differing
+
+
+def _sort_value(value: Any) -> tuple:
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
+def last_tenth_mean(metrics: list[dict[str, Any]]) -> float | None:
+    """Mean test accuracy over the evaluated rounds among the last 10% of rounds (at least the last one)."""
+    if not metrics:
+        return None
+    rounds = metrics[-1]["round"]
+    first = rounds - max(1, math.ceil(0.1 * rounds)) + 1
+    values = [m["test_accuracy"] for m in metrics if m["round"] >= first and m.get("test_accuracy") is not None]
+    if not values:
+        values = [m["test_accuracy"] for m in metrics if m.get("test_accuracy") is not None][-1:]
+    return float(np.mean(values)) if values else None
+
+
+def rounds_to(metrics: list[dict[str, Any]], target: float) -> int | None:
+    return next((m["round"] for m in metrics if (m.get("test_accuracy") or 0) >= target), None)
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def row_stats(row: Row, target: float) -> dict[str, Any]:
+    done = row.done
+    reached = [rounds_to(r.metrics, target) for r in done]
+    stats = {
+        "final": mean_std([r.summary["final_test_accuracy"] for r in done]),
+        "last10": mean_std([last_tenth_mean(r.metrics) for r in done]),
+        "best": mean_std([r.summary["best_test_accuracy"] for r in done]),
+        "wall": mean_std([r.summary["wall_seconds"] for r in done]),
+        "sharpness": mean_std([r.summary.get("final_sharpness") for r in done]),
+        "to_target": mean_std([x for x in reached if x is not None]),
+        "reached": sum(x is not None for x in reached),
+        "seeds": f"{len(done)}/{len(row.runs)}",
+        "n": len(done),
+    }
+    return stats
+
+
+def baseline_of(row: Row, rows: list[Row]) -> Row | None:
+    """The FedAvg + SGD row whose settings, apart from the method, are this row's."""
+    if row.config.get("strategy") == "fedavg" and row.config.get("optimizer") == "sgd":
+        return None
+    rest = {k: v for k, v in row.config.items() if k not in METHOD_KEYS}
+    for other in rows:
+        if other.config.get("strategy") == "fedavg" and other.config.get("optimizer") == "sgd" and \
+                {k: v for k, v in other.config.items() if k not in METHOD_KEYS} == rest:
+            return other
+    return None
+
+
+def versus(stats: dict[str, Any], base: dict[str, Any]) -> tuple[float | None, float | None, str]:
+    (m, s), (mb, sb) = stats["final"], base["final"]
+    if m is None or mb is None:
+        return None, None, ""
+    delta = m - mb
+    se = math.sqrt((s ** 2) / max(stats["n"], 1) + (sb ** 2) / max(base["n"], 1))
+    if stats["n"] < 2 or base["n"] < 2:
+        verdict = "one seed: no verdict"
+    elif delta > 2 * se:
+        verdict = "better"
+    elif delta < -2 * se:
+        verdict = "worse"
+    else:
+        verdict = "no clear difference"
+    return delta, se, verdict
+
+
+def _pct(pair: tuple[float | None, float | None]) -> str:
+    m, s = pair
+    return "—" if m is None else f"{100 * m:.2f} ± {100 * s:.2f}"
+
+
+def _plain(pair: tuple[float | None, float | None], fmt: str) -> str:
+    m, s = pair
+    return "—" if m is None else f"{m:{fmt}} ± {s:{fmt}}"
+
+
+def label(row: Row, keys: list[str]) -> str:
+    return " ".join(f"{k}={row.config.get(k)}" for k in keys) or "all runs"
+
+
+def build_table(rows: list[Row], keys: list[str], target: float) -> tuple[list[str], list[list[str]], list[dict]]:
+    header = ["configuration", "seeds", "final acc %", "last-10% acc %", "best acc %", f"rounds to {100 * target:.0f}%",
+              "wall time s", "sharpness λ_max", "vs FedAvg+SGD (final, pts)"]
+    stats = {row.key: row_stats(row, target) for row in rows}
+    lines, records = [], []
+    for row in rows:
+        st = stats[row.key]
+        base = baseline_of(row, rows)
+        delta, se, verdict = versus(st, stats[base.key]) if base is not None else (None, None, "")
+        if row.config.get("strategy") == "fedavg" and row.config.get("optimizer") == "sgd":
+            compare = "baseline"
+        elif delta is None:
+            compare = "—"
+        else:
+            compare = f"{100 * delta:+.2f} ± {100 * se:.2f}: {verdict}"
+        to_target = "never" if st["reached"] == 0 else \
+            f"{st['to_target'][0]:.0f}" + ("" if st["reached"] == st["n"] else f" ({st['reached']}/{st['n']} seeds)")
+        lines.append([label(row, keys), st["seeds"], _pct(st["final"]), _pct(st["last10"]), _pct(st["best"]),
+                      to_target, _plain(st["wall"], ".0f"), _plain(st["sharpness"], ".2f"), compare])
+        records.append({
+            "configuration": label(row, keys), **{k: row.config.get(k) for k in keys},
+            "seeds_done": st["n"], "seeds_total": len(row.runs),
+            "final_mean": st["final"][0], "final_std": st["final"][1],
+            "last10_mean": st["last10"][0], "last10_std": st["last10"][1],
+            "best_mean": st["best"][0], "best_std": st["best"][1],
+            "rounds_to_target_mean": st["to_target"][0], "seeds_reaching_target": st["reached"],
+            "wall_seconds_mean": st["wall"][0], "sharpness_mean": st["sharpness"][0], "sharpness_std": st["sharpness"][1],
+            "delta_vs_fedavg_sgd": delta, "delta_se": se, "verdict": verdict or ("baseline" if compare == "baseline" else ""),
+        })
+    return header, lines, records
+
+
+def markdown_table(header: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        raise UsageError(f"{directory} is not a folder")
+    runs, lost = collect(directory)
+    if not runs:
+        raise UsageError(f"{directory} holds no runs (no folder with a config.json)")
+    if args.target is not None and not 0 < args.target <= 1:
+        raise UsageError(f"--target must be an accuracy in (0, 1], got {args.target}")
+    rows = group(runs)
+    keys = varying_keys(rows, directory)
+    rows.sort(key=lambda row: [_sort_value(row.config.get(k)) for k in keys])
+    finals = [row_stats(row, 1.0)["final"][0] for row in rows]
+    finals = [f for f in finals if f is not None]
+    target = args.target if args.target is not None else (round(0.8 * max(finals), 3) if finals else 0.5)
+    header, lines, records = build_table(rows, keys, target)
+
+    from simulations import plots
+
+    figures = plots.sweep_figures(rows, keys, directory)
+    failed = [r for r in runs if r.summary is None] + [RunResult(x["name"], {}, [], None, x["error"]) for x in lost]
+    text = [f"# Report: {directory}", "",
+            f"{len(runs) + len(lost)} runs, {len(rows)} configurations; mean ± sample std over seeds; "
+            f"target accuracy {100 * target:.1f}%. 'vs FedAvg+SGD' is the difference in mean final accuracy to the "
+            "FedAvg + SGD run with the same other settings, ± its standard error; *better*/*worse* beyond 2 SE.", "",
+            markdown_table(header, lines), ""]
+    if failed:
+        text += ["## Failed or unfinished runs", ""] + [f"- `{r.name}`: {r.error}" for r in failed] + [""]
+    text += [f"![{name}]({name})" for name in figures]
+    (directory / "report.md").write_text("\n".join(text) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(records[0]))
+    writer.writeheader()
+    writer.writerows(records)
+    (directory / "report.csv").write_text(buffer.getvalue())
+    print(markdown_table(header, lines))
+    if failed:
+        print(f"{len(failed)} run(s) failed or unfinished: " + ", ".join(r.name for r in failed))
+    print(f"wrote {directory / 'report.md'}, report.csv, " + ", ".join(figures))
+    return 0

@@ -1,0 +1,270 @@
+"""``fedsam sweep``: the cross product of ``--vary`` values × ``--seeds``, one ``fedsam run`` each.
+
+Each run is its own ``fedsam run`` process writing to ``DIR/<name>/`` (its output goes to
+``DIR/logs/<name>.log``), so a run that fails is recorded and the sweep goes on. A run whose
+folder already holds a finished run with the same settings is skipped; an unfinished one is
+started again from scratch. ``DIR/sweep.json`` records every run's settings and status.
+
+How many runs at once (``--parallel auto``): enough that each run still gets a core per client
+of a round, ``cores // (clients-per-round × num-cpus-per-client)``, or on a GPU run
+``GPUs // (clients-per-round × num-gpus-per-client)``; at least one. Each run's Ray instance is
+then limited to its share of the cores (``--ray-num-cpus``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simulations import config as configuration
+from simulations.cli import UsageError
+from simulations.config import ConfigError, ExperimentConfig
+from simulations.experiment import check
+from simulations.presets import PRESETS
+from simulations.results import _duration
+
+NOT_VARIABLE = ("out", "seed")
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    params: dict[str, Any]  # the --vary values of this run, in --vary order
+    seed: int
+    cfg: ExperimentConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("sweep", help="run a grid of simulations over values and seeds",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="a fedsam run flag without its dashes and the values to try (repeatable)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    parser.add_argument("--parallel", default="auto", help="runs at once: a number, or auto (default)")
+    parser.add_argument("--preset", choices=tuple(PRESETS), help="start every run from a preset")
+    parser.add_argument("--config", metavar="FILE.toml", help="settings file shared by every run")
+    configuration.add_flags(parser)
+    parser.set_defaults(handler=run)
+
+
+def parse_vary(items: list[str]) -> dict[str, list[Any]]:
+    known = {configuration.key(name) for name in ExperimentConfig.field_names()}
+    varied: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("_", "-")
+        if not sep:
+            raise UsageError(f"--vary {item!r}: expected KEY=V1,V2,...")
+        if key not in known or key in NOT_VARIABLE:
+            hint = "use --seeds for seeds" if key == "seed" else "a fedsam run flag name without '--', e.g. dirichlet-alpha"
+            raise UsageError(f"unknown --vary key {key!r} ({hint})")
+        if key in varied:
+            raise UsageError(f"--vary {key} is given twice")
+        parts = [v.strip() for v in values.split(",")]
+        if not values.strip() or any(not v for v in parts):
+            raise UsageError(f"--vary {key}: empty value list")
+        field = key.replace("-", "_")
+        try:
+            varied[key] = [configuration.coerce(field, v, f"--vary {key}") for v in parts]
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+    if not varied:
+        raise UsageError("give at least one --vary KEY=V1,V2,...")
+    return varied
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds needs distinct integers, got {text!r}")
+    return seeds
+
+
+def run_name(params: dict[str, Any], seed: int) -> str:
+    parts = [f"{k}={v}" for k, v in params.items()] + [f"seed={seed}"]
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", "__".join(parts))
+
+
+def plan(args: argparse.Namespace, sweep_dir: Path) -> list[PlannedRun]:
+    varied = parse_vary(args.vary)
+    seeds = parse_seeds(args.seeds)
+    base = configuration.flags_given(args)
+    base.pop("out", None)
+    if "seed" in base:
+        raise UsageError("give seeds with --seeds, not --seed")
+    runs = []
+    for values in itertools.product(*varied.values()):
+        params = dict(zip(varied, values))
+        for seed in seeds:
+            name = run_name(params, seed)
+            flags = {**base, **{k.replace("-", "_"): v for k, v in params.items()}, "seed": seed,
+                     "out": str(sweep_dir / name)}
+            cfg = configuration.resolve(flags, preset=args.preset, config_file=args.config).resolved()
+            runs.append(PlannedRun(name, params, seed, cfg))
+    return runs
+
+
+def check_all(runs: list[PlannedRun]) -> None:
+    """Every run's settings checked before the first starts; the dataset is read once per folder."""
+    loaded: dict[tuple[str, str], Any] = {}
+    for planned in runs:
+        cfg = planned.cfg
+        where = (cfg.dataset, cfg.data_dir)
+        try:
+            if where not in loaded:
+                loaded[where] = check(cfg).data
+            else:
+                check(cfg, data=loaded[where])
+        except ConfigError as exc:
+            raise UsageError(f"run {planned.name}: {exc}") from None
+
+
+def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k not in ("out", "ray-num-cpus")}
+
+
+def state_of(planned: PlannedRun) -> str:
+    """done (same settings, finished), stale (other settings), partial (unfinished) or new."""
+    out = Path(planned.cfg.out)
+    if not (out / "config.json").is_file():
+        return "partial" if out.exists() else "new"
+    saved = json.loads((out / "config.json").read_text())
+    if comparable(saved) != comparable(planned.cfg.to_dict()):
+        return "stale"
+    return "done" if (out / "summary.json").is_file() else "partial"
+
+
+def auto_parallel(cfg: ExperimentConfig) -> int:
+    from simulations.run import gpus_per_client
+
+    gpus = gpus_per_client(cfg)
+    if gpus > 0:
+        import torch
+
+        return max(1, math.floor(torch.cuda.device_count() / (cfg.clients_per_round * gpus)))
+    return max(1, (os.cpu_count() or 1) // math.ceil(cfg.clients_per_round * cfg.num_cpus_per_client))
+
+
+def command(cfg: ExperimentConfig, ray_cpus: int) -> list[str]:
+    argv = [sys.executable, "-m", "simulations", "run"]
+    for name, value in dataclasses.asdict(dataclasses.replace(cfg, ray_num_cpus=ray_cpus)).items():
+        if value is None:
+            continue
+        flag = f"--{configuration.key(name)}"
+        if isinstance(value, bool):
+            argv.append(flag if value else f"--no-{configuration.key(name)}")
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _last_error(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.exists() else []
+    for line in reversed(lines):
+        if "error" in line.lower() or "stopped" in line.lower():
+            return line.strip()[:300]
+    return lines[-1].strip()[:300] if lines else "no output"
+
+
+def run(args: argparse.Namespace) -> int:
+    if not getattr(args, "out", None):
+        raise UsageError("--out is required: the folder for the sweep")
+    sweep_dir = Path(args.out)
+    try:
+        runs = plan(args, sweep_dir)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    check_all(runs)
+    states = {r.name: state_of(r) for r in runs}
+    stale = [name for name, state in states.items() if state == "stale"]
+    if stale:
+        raise UsageError(f"{sweep_dir / stale[0]} holds a run with other settings; use another --out")
+    if args.parallel == "auto":
+        parallel = auto_parallel(runs[0].cfg)
+    else:
+        try:
+            parallel = int(args.parallel)
+        except ValueError:
+            raise UsageError(f"--parallel must be a number or auto, got {args.parallel!r}") from None
+        if parallel < 1:
+            raise UsageError(f"--parallel must be >= 1, got {parallel}")
+    ray_cpus = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else 0
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "logs").mkdir(exist_ok=True)
+    record = {"vary": parse_vary(args.vary), "seeds": parse_seeds(args.seeds), "parallel": parallel, "runs": {}}
+    for planned in runs:
+        record["runs"][planned.name] = {"params": planned.params, "seed": planned.seed,
+                                        "status": "done" if states[planned.name] == "done" else "pending"}
+    _write_record(sweep_dir / "sweep.json", record)
+
+    todo = [r for r in runs if states[r.name] != "done"]
+    skipped = len(runs) - len(todo)
+    print(f"fedsam sweep → {sweep_dir}: {len(runs)} runs ({skipped} already done), {parallel} at a time", flush=True)
+    started = time.monotonic()
+    active: list[tuple[PlannedRun, subprocess.Popen, float, Any]] = []
+    finished = failed = 0
+    queue = list(todo)
+    while queue or active:
+        while queue and len(active) < parallel:
+            planned = queue.pop(0)
+            out = Path(planned.cfg.out)
+            if out.exists():
+                shutil.rmtree(out)  # an unfinished run starts again from scratch
+            log = open(sweep_dir / "logs" / f"{planned.name}.log", "w")
+            proc = subprocess.Popen(command(planned.cfg, ray_cpus), stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+            active.append((planned, proc, time.monotonic(), log))
+            record["runs"][planned.name]["status"] = "running"
+            _write_record(sweep_dir / "sweep.json", record)
+        time.sleep(0.5)
+        for item in list(active):
+            planned, proc, t0, log = item
+            if proc.poll() is None:
+                continue
+            active.remove(item)
+            log.close()
+            finished += 1
+            entry = record["runs"][planned.name]
+            entry["seconds"] = time.monotonic() - t0
+            entry["returncode"] = proc.returncode
+            label = " ".join(f"{k}={v}" for k, v in planned.params.items()) + f" seed={planned.seed}"
+            if proc.returncode == 0 and (Path(planned.cfg.out) / "summary.json").is_file():
+                entry["status"] = "done"
+                summary = json.loads((Path(planned.cfg.out) / "summary.json").read_text())
+                outcome = f"final acc {summary['final_test_accuracy']:.4f}"
+            else:
+                failed += 1
+                entry["status"] = "failed"
+                entry["error"] = _last_error(sweep_dir / "logs" / f"{planned.name}.log")
+                outcome = f"FAILED (exit {proc.returncode}): {entry['error']}"
+            _write_record(sweep_dir / "sweep.json", record)
+            elapsed = time.monotonic() - started
+            eta = elapsed / finished * (len(todo) - finished)
+            print(f"[{skipped + finished:>{len(str(len(runs)))}}/{len(runs)}] {label} · {outcome} · "
+                  f"{_duration(entry['seconds'])} · sweep elapsed {_duration(elapsed)} ETA {_duration(eta)}",
+                  flush=True)
+    print(f"sweep finished: {len(runs) - failed} of {len(runs)} runs done, {failed} failed; "
+          f"now: fedsam report {sweep_dir}")
+    return 1 if failed else 0

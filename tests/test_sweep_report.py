@@ -1,0 +1,145 @@
+"""``fedsam sweep`` over a 2×2 grid of tiny runs, re-running it, and ``fedsam report`` on the result."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from simulations.report import last_tenth_mean, rounds_to
+from tests.conftest import ROOT, run_cli
+
+GRID = ["--vary", "dirichlet-alpha=0.5,100", "--vary", "strategy=fedavg,fedsam", "--seeds", "0",
+        "--num-clients", "3", "--clients-per-round", "2", "--rounds", "2", "--device", "cpu", "--batch-size", "32",
+        "--sharpness-every", "2", "--sharpness-samples", "64"]
+
+
+def _sweep(cifar10_dir, out, *extra):
+    return subprocess.run([sys.executable, "-m", "simulations", "sweep", "--out", str(out), "--data-dir",
+                           str(cifar10_dir), *GRID, *extra], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture(scope="module")
+def swept(cifar10_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "grid"
+    proc = _sweep(cifar10_dir, out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc.stdout
+
+
+def test_the_cross_product_runs_each_in_its_own_folder(swept):
+    out, stdout = swept
+    names = sorted(p.name for p in out.iterdir() if (p / "summary.json").is_file())
+    assert names == ["dirichlet-alpha=0.5__strategy=fedavg__seed=0", "dirichlet-alpha=0.5__strategy=fedsam__seed=0",
+                     "dirichlet-alpha=100.0__strategy=fedavg__seed=0", "dirichlet-alpha=100.0__strategy=fedsam__seed=0"]
+    for name in names:
+        cfg = json.loads((out / name / "config.json").read_text())
+        assert f"dirichlet-alpha={cfg['dirichlet-alpha']}" in name and f"strategy={cfg['strategy']}" in name
+    record = json.loads((out / "sweep.json").read_text())
+    assert all(entry["status"] == "done" for entry in record["runs"].values())
+    assert "[4/4]" in stdout and "ETA" in stdout
+
+
+def test_running_the_sweep_again_skips_finished_runs_and_redoes_unfinished_ones(swept, cifar10_dir):
+    out, _ = swept
+    unfinished = out / "dirichlet-alpha=100.0__strategy=fedsam__seed=0"
+    (unfinished / "summary.json").unlink()
+    before = {p.name: (p / "metrics.jsonl").stat().st_mtime_ns for p in out.iterdir() if (p / "summary.json").exists()}
+    proc = _sweep(cifar10_dir, out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4 runs (3 already done)" in proc.stdout and "[4/4]" in proc.stdout
+    after = {p.name: (p / "metrics.jsonl").stat().st_mtime_ns for p in out.iterdir() if (p / "summary.json").exists()}
+    assert all(after[name] == mtime for name, mtime in before.items())
+    assert (unfinished / "summary.json").is_file()
+
+
+def test_report_table_csv_and_plots(swept, capsys):
+    out, _ = swept
+    code, stdout, stderr = run_cli(["report", out, "--target", "0.3"], capsys)
+    assert code == 0, stderr
+    md = (out / "report.md").read_text()
+    for label in ("dirichlet-alpha=0.5 strategy=fedavg", "dirichlet-alpha=100.0 strategy=fedsam"):
+        assert label in md
+    assert "baseline" in md and "rounds to 30%" in md and "![curves.png](curves.png)" in md
+    rows = list(csv.DictReader(open(out / "report.csv")))
+    assert len(rows) == 4
+    for row in rows:
+        run_dir = out / f"dirichlet-alpha={row['dirichlet-alpha']}__strategy={row['strategy']}__seed=0"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert float(row["final_mean"]) == pytest.approx(summary["final_test_accuracy"])
+        assert float(row["best_mean"]) == pytest.approx(summary["best_test_accuracy"])
+        assert float(row["last10_mean"]) == pytest.approx(last_tenth_mean(metrics))
+        assert float(row["sharpness_mean"]) == pytest.approx(summary["final_sharpness"])
+        assert row["verdict"] == ("baseline" if row["strategy"] == "fedavg" else "one seed: no verdict")
+    for name in ("curves.png", "alpha.png", "sharpness.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_a_failed_run_is_recorded_and_does_not_stop_the_sweep(swept, cifar10_dir, tmp_path, capsys):
+    """Reuse the grid's runs, then make one run fail: its data disappears after the sweep's checks."""
+    out = tmp_path / "grid"
+    shutil.copytree(swept[0], out)
+    broken = out / "dirichlet-alpha=0.5__strategy=fedsam__seed=0"
+    shutil.rmtree(broken)
+    (out / "sweep.json").unlink()
+    data = tmp_path / "data"
+    shutil.copytree(cifar10_dir, data)
+    for run_dir in out.iterdir():  # the finished runs keep matching: point their config at the copy
+        if (run_dir / "config.json").is_file():
+            cfg = json.loads((run_dir / "config.json").read_text())
+            cfg["data-dir"] = str(data)
+            (run_dir / "config.json").write_text(json.dumps(cfg))
+    # The client ClientApps read the data themselves: a corrupt batch there fails the run, not the checks.
+    proc = subprocess.Popen([sys.executable, "-m", "simulations", "sweep", "--out", str(out), "--data-dir", str(data),
+                             *GRID], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    first = proc.stdout.readline()
+    assert "4 runs (3 already done)" in first, first
+    (data / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"broken")
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=600) == 1, rest
+    assert "FAILED" in rest and "0 failed" not in rest
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["runs"][broken.name]["status"] == "failed"
+    code, stdout, _ = run_cli(["report", out], capsys)
+    assert code == 0
+    assert "Failed or unfinished runs" in (out / "report.md").read_text() and broken.name in stdout
+
+
+def test_last_tenth_and_rounds_to_target():
+    metrics = [{"round": r, "test_accuracy": a} for r, a in zip(range(1, 21), [0.1 * (i % 10) for i in range(20)])]
+    assert last_tenth_mean(metrics) == pytest.approx((0.8 + 0.9) / 2)
+    assert rounds_to(metrics, 0.5) == 6 and rounds_to(metrics, 0.95) is None
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--vary", "learning-rate=0.1,0.2"], "unknown --vary key 'learning-rate'"),
+    (["--vary", "lr="], "empty value list"),
+    (["--vary", "lr=0.1,,0.2"], "empty value list"),
+    (["--vary", "lr"], "expected KEY=V1,V2"),
+    (["--vary", "seed=1,2"], "use --seeds"),
+    (["--vary", "lr=0.1", "--vary", "lr=0.2"], "given twice"),
+    (["--vary", "rounds=two"], "rounds must be int"),
+    (["--vary", "strategy=fedavg,scaffold"], "unknown strategy 'scaffold'"),
+    (["--vary", "lr=0.1", "--seeds", "a,b"], "--seeds must be comma-separated integers"),
+    (["--vary", "lr=0.1", "--parallel", "0"], "--parallel must be >= 1"),
+    ([], "at least one --vary"),
+])
+def test_sweep_bad_inputs(cifar10_dir, tmp_path, capsys, argv, fragment):
+    code, _, stderr = run_cli(["sweep", "--out", tmp_path / "s", "--data-dir", cifar10_dir, *argv], capsys)
+    assert code == 2 and stderr.count("\n") == 1 and fragment in stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_report_on_a_folder_without_runs(tmp_path, capsys):
+    code, _, stderr = run_cli(["report", tmp_path], capsys)
+    assert code == 2 and stderr.count("\n") == 1 and "holds no runs" in stderr
+    code, _, stderr = run_cli(["report", tmp_path / "missing"], capsys)
+    assert code == 2 and "is not a folder" in stderr
