@@ -87,8 +87,11 @@ def round_seed(seed: int, server_round: int, partition_id: int) -> int:
     return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
 
 
-def optimizer_options(config: ConfigRecord) -> dict:
+def optimizer_options(config: ConfigRecord, partition_id: int) -> dict:
+    """What ``fedsam.optim.build`` passes on to a factory that names it in its signature."""
     return {
+        "partition_id": partition_id,
+        "server_round": int(config["server-round"]),
         "lr": float(config["lr"]),
         "momentum": float(config.get("momentum", 0.0)),
         "weight_decay": float(config.get("weight-decay", 0.0)),
@@ -130,7 +133,7 @@ def train(msg: Message, context: Context) -> Message:
                             std=data.std, augment=True, shuffle=True, seed=seed)
     model = cached_model(str(config["model"]), data.num_classes, str(config.get("norm", "group")), str(device))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    optimizer = build(str(config["optimizer"]), model.parameters(), **optimizer_options(config))
+    optimizer = build(str(config["optimizer"]), model.parameters(), **optimizer_options(config, pid))
     momentum = None
     if "momentum" in msg.content:
         momentum = {k: t.to(device) for k, t in msg.content["momentum"].to_torch_state_dict().items()}

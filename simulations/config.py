@@ -82,6 +82,9 @@ class ExperimentConfig:
     num_gpus_per_client: float = _f(-1.0, "GPU share Ray reserves per client, e.g. 0.25 (-1 = auto)")
     ray_num_cpus: int = _f(0, "CPU cores the local Ray instance may use (0 = all; a sweep sets it per run)")
     eval_every: int = _f(1, "evaluate the global model on the test set every this many rounds")
+    checkpoint_every: int = _f(10, "write checkpoint.pt every this many rounds (and after the last, and on Ctrl-C)")
+    min_successful_clients: int = _f(1, "stop the run when fewer clients than this succeed in a round")
+    client_timeout: float = _f(3600.0, "seconds to wait for a round's replies; later ones count as failed clients")
     sharpness_every: int = _f(0, "record the global model's top Hessian eigenvalue every this many rounds (0 = off)")
     sharpness_samples: int = _f(1024, "size of the fixed, seeded training subset sharpness is measured on")
     out: str = _f("", "folder for this run's results")
@@ -204,11 +207,14 @@ def validate(cfg: ExperimentConfig) -> None:
         return value
 
     for name in ("num_clients", "rounds", "local_epochs", "batch_size", "eval_every", "clients_per_round",
-                 "fgsm_steps", "classes_per_client", "sharpness_samples"):
+                 "fgsm_steps", "classes_per_client", "sharpness_samples", "checkpoint_every",
+                 "min_successful_clients"):
         need(getattr(cfg, name) >= 1, f"{key(name)} must be >= 1, got {getattr(cfg, name)}")
     need(cfg.clients_per_round <= cfg.num_clients,
          f"clients-per-round ({cfg.clients_per_round}) is above num-clients ({cfg.num_clients})")
-    for name in ("lr", "server_lr", "dirichlet_alpha", "num_cpus_per_client"):
+    need(cfg.min_successful_clients <= cfg.clients_per_round,
+         f"min-successful-clients ({cfg.min_successful_clients}) is above clients-per-round ({cfg.clients_per_round})")
+    for name in ("lr", "server_lr", "dirichlet_alpha", "num_cpus_per_client", "client_timeout"):
         need(finite(name) > 0, f"{key(name)} must be > 0, got {getattr(cfg, name)}")
     need(0 < finite("lr_decay") <= 1, f"lr-decay must be in (0, 1], got {cfg.lr_decay}")
     need(finite("weight_decay") >= 0, f"weight-decay must be >= 0, got {cfg.weight_decay}")

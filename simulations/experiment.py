@@ -3,11 +3,14 @@ evaluate and record. ``fedsam run`` and the ``flwr run`` ServerApp both come her
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
@@ -19,6 +22,7 @@ from fedsam.models import build_model
 from fedsam.optim import OptimizerSpecError, build, portable_spec
 from fedsam.sharpness import evaluation_subset, model_sharpness
 from fedsam.train import evaluate
+from simulations import checkpoint
 from simulations import config as configuration
 from simulations.config import ConfigError, ExperimentConfig
 from simulations.results import RunRecorder, holds_a_run
@@ -142,9 +146,35 @@ def write_run_files(checked: Checked, out: Path) -> None:
     write_partition_json(out / "partition.json", checked.cfg.dataset, checked.partition, summary)
 
 
+def _finite(arrays: ArrayRecord) -> bool:
+    return all(np.isfinite(a.numpy()).all() for a in arrays.values()
+               if np.issubdtype(np.dtype(a.dtype), np.floating))
+
+
+def _play_round(rnd: int, strategy, grid: Grid, arrays: ArrayRecord, train_config: ConfigRecord,
+                cfg: ExperimentConfig) -> tuple[ArrayRecord | None, Any, list[dict[str, Any]], int]:
+    """Sample, train, aggregate: the new global arrays, the aggregated metrics, the failures, the cohort size."""
+    messages = list(strategy.configure_train(rnd, arrays, train_config, grid))
+    replies = list(grid.send_and_receive(messages, timeout=cfg.client_timeout))
+    new_arrays, metrics = strategy.aggregate_train(rnd, replies)
+    failures = [{"client": pid, "reason": reason} for pid, reason in strategy.failures]
+    replied = {strategy.partition_of(r) for r in replies}
+    for message in messages:
+        pid = strategy.partition_of_node[message.metadata.dst_node_id]
+        if pid not in replied:
+            failures.append({"client": pid, "reason": f"no reply within {cfg.client_timeout:g} s"})
+    return new_arrays, metrics, sorted(failures, key=lambda f: f["client"]), len(messages)
+
+
 def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageDataset | None = None,
-                   echo: bool = True, round_timeout: float = 3600.0) -> dict[str, Any]:
-    """The federated rounds. ``cfg`` must be resolved (``ExperimentConfig.resolved``) and checked."""
+                   echo: bool = True, stop: threading.Event | None = None,
+                   resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The federated rounds, from round 1 or from the checkpoint ``resume``.
+
+    ``cfg`` must be resolved and checked. Returns the summary, or ``{"stopped_after": round}``
+    when ``stop`` was set (after writing a checkpoint). Raises ``RunFailed`` when too few clients
+    succeed or the global model diverges; the last good checkpoint stays in ``out``.
+    """
     started = time.monotonic()
     device = resolve_device(cfg.device)
     data = data or load(cfg.dataset, cfg.data_dir)
@@ -158,21 +188,37 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
         probe = SharpnessProbe(build_model(cfg.model, data.num_classes, cfg.norm), data, device,
                                cfg.sharpness_samples, cfg.seed)
     train_config = client_config(cfg)
-    recorder = RunRecorder(out, cfg.rounds, title(cfg), echo=echo)
+    first, earlier_seconds, records, saved_round = 1, 0.0, [], None
+    if resume is not None:
+        arrays = ArrayRecord(dict(resume["arrays"]))
+        strategy.restore_state(resume["strategy"])
+        torch.set_rng_state(resume["torch_rng"])
+        saved_round = int(resume["round"])
+        first = saved_round + 1
+        records = list(resume["records"])
+        earlier_seconds = float(resume.get("elapsed", 0.0))
+    recorder = RunRecorder(out, cfg.rounds, title(cfg), echo=echo, records=records)
 
-    for rnd in range(1, cfg.rounds + 1):
+    def fail(rnd: int, why: str) -> RunFailed:
+        kept = (f"the last good checkpoint (round {saved_round}) is in {out}; `fedsam run --resume {out}` "
+                "continues from it") if saved_round else "no checkpoint was written yet"
+        return RunFailed(f"round {rnd}: {why}; {kept}")
+
+    for rnd in range(first, cfg.rounds + 1):
         round_start = time.monotonic()
-        messages = list(strategy.configure_train(rnd, arrays, train_config, grid))
-        replies = grid.send_and_receive(messages, timeout=round_timeout)
-        new_arrays, metrics = strategy.aggregate_train(rnd, replies)
-        failures = [{"client": pid, "reason": reason} for pid, reason in strategy.failures]
-        if new_arrays is None:
-            raise RunFailed(f"round {rnd}: no client succeeded" +
-                            (f" (client {failures[0]['client']}: {failures[0]['reason']})" if failures else ""))
+        new_arrays, metrics, failures, cohort = _play_round(rnd, strategy, grid, arrays, train_config, cfg)
+        succeeded = cohort - len(failures)
+        needed = min(cfg.min_successful_clients, cohort)
+        if new_arrays is None or succeeded < needed:
+            first_failure = f" (client {failures[0]['client']}: {failures[0]['reason']})" if failures else ""
+            raise fail(rnd, f"only {succeeded} of {cohort} clients succeeded, fewer than "
+                            f"--min-successful-clients {needed}{first_failure}")
+        if not _finite(new_arrays):
+            raise fail(rnd, "the global model diverged (non-finite weights)")
         arrays = new_arrays
         record: dict[str, Any] = {
             "round": rnd,
-            "clients": len(messages),
+            "clients": cohort,
             "failed_clients": len(failures),
             "lr": strategy.round_lr,
             "train_loss": float(metrics["train-loss"]),
@@ -183,11 +229,23 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
         }
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
             record["test_loss"], record["test_accuracy"] = evaluator(arrays)
+            if not math.isfinite(record["test_loss"]):
+                raise fail(rnd, f"the global model diverged (test loss {record['test_loss']})")
         if probe is not None and (rnd % cfg.sharpness_every == 0 or rnd == cfg.rounds):
             record["sharpness"] = probe(arrays)
         if failures:
             record["failures"] = failures
         record["seconds"] = time.monotonic() - round_start
         recorder.add(record)
+        stopping = stop is not None and stop.is_set()
+        if rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds or stopping:
+            checkpoint.save(out, {
+                "round": rnd, "config": cfg.to_dict(), "arrays": arrays.to_torch_state_dict(),
+                "strategy": strategy.checkpoint_state(), "records": recorder.records,
+                "torch_rng": torch.get_rng_state(), "elapsed": earlier_seconds + time.monotonic() - started,
+            })
+            saved_round = rnd
+        if stopping and rnd < cfg.rounds:
+            return {"stopped_after": rnd}
 
-    return recorder.finish(arrays.to_torch_state_dict(), time.monotonic() - started)
+    return recorder.finish(arrays.to_torch_state_dict(), earlier_seconds + time.monotonic() - started)

@@ -7,6 +7,7 @@
 | ``metrics.jsonl`` | one JSON object per round, appended when the round ends |
 | ``summary.json`` | final and best test accuracy, wall time, written at the end |
 | ``model.pt`` | the final global model's ``state_dict`` |
+| ``checkpoint.pt`` | the state to continue from (``fedsam run --resume``), every ``--checkpoint-every`` rounds |
 | ``accuracy.png`` | test accuracy and train loss against round |
 """
 
@@ -34,13 +35,6 @@ def holds_a_run(out: Path) -> str | None:
     return None
 
 
-def read_metrics(out: Path) -> list[dict[str, Any]]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
@@ -51,9 +45,15 @@ def _duration(seconds: float) -> str:
 class RunRecorder:
     """Appends a line to ``metrics.jsonl`` per round, prints progress, writes the summary at the end."""
 
-    def __init__(self, out: Path, rounds: int, title: str, echo: bool = True) -> None:
+    def __init__(self, out: Path, rounds: int, title: str, echo: bool = True,
+                 records: list[dict[str, Any]] | None = None) -> None:
+        """``records``: the rounds already done (from a checkpoint); ``metrics.jsonl`` is rewritten
+        to hold exactly those, dropping any round written after the checkpoint."""
         self.out, self.rounds, self.title, self.echo = out, rounds, title, echo
-        self.records: list[dict[str, Any]] = read_metrics(out)
+        self.records: list[dict[str, Any]] = list(records or [])
+        tmp = out / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        os.replace(tmp, out / "metrics.jsonl")
         self.started = time.monotonic()
         self.first_round = len(self.records) + 1
 

@@ -8,13 +8,17 @@ Everything that can be wrong with the request is checked before Ray starts; then
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
 
+from simulations import checkpoint
 from simulations import config as configuration
 from simulations.cli import UsageError
 from simulations.config import ConfigError, ExperimentConfig
@@ -27,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=tuple(PRESETS), help="start from a named setting (flags override it)")
     parser.add_argument("--config", metavar="FILE.toml", help="settings file: flag names as keys (flags override it)")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint "
+                        "(with its own settings; --rounds extends it, resource flags may change)")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     configuration.add_flags(parser)
     parser.set_defaults(handler=run)
@@ -37,6 +43,36 @@ def resolve_args(args: argparse.Namespace) -> ExperimentConfig:
     if not cfg.out:
         raise ConfigError("--out is required: the folder for this run's results")
     return cfg.resolved()
+
+
+RESUMABLE = ("rounds", "checkpoint_every", "client_timeout", "min_successful_clients", "num_cpus_per_client",
+             "num_gpus_per_client", "ray_num_cpus")
+
+
+def resume_args(args: argparse.Namespace) -> tuple[ExperimentConfig, dict[str, Any]]:
+    """The run's own config (plus the flags that may change on resume) and its checkpoint."""
+    out = Path(args.resume)
+    flags = configuration.flags_given(args)
+    fixed = sorted(set(flags) - set(RESUMABLE) - {"out"})
+    if fixed or args.preset or args.config:
+        what = fixed[0].replace("_", "-") if fixed else ("preset" if args.preset else "config")
+        raise ConfigError(f"--resume continues a run with its own settings; --{what} cannot change")
+    if flags.get("out") not in (None, str(out)):
+        raise ConfigError("--resume DIR writes to DIR; leave out --out")
+    if not (out / "config.json").is_file():
+        raise ConfigError(f"{out} holds no run (no config.json)")
+    saved = json.loads((out / "config.json").read_text())
+    cfg = configuration.apply(ExperimentConfig(), {**saved, **flags, "out": str(out)}, f"{out}/config.json")
+    try:
+        state = checkpoint.load(out)
+    except checkpoint.CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    done = int(state["round"])
+    if cfg.rounds < done:
+        raise ConfigError(f"the checkpoint is at round {done}, past --rounds {cfg.rounds}")
+    if cfg.rounds == done and (out / "summary.json").is_file():
+        raise ConfigError(f"{out} is finished ({done} of {done} rounds); pass --rounds N to extend it")
+    return cfg, state
 
 
 def gpus_per_client(cfg: ExperimentConfig) -> float:
@@ -67,6 +103,30 @@ def quiet_flower(verbose: bool) -> None:
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+class StopOnInterrupt:
+    """First Ctrl-C: finish the round, write a checkpoint, stop. Second Ctrl-C: stop now."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.previous = None
+
+    def __enter__(self) -> threading.Event:
+        def handler(signum: int, frame: Any) -> None:
+            if self.event.is_set():
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self.event.set()
+            sys.stderr.write("\nstopping after this round, with a checkpoint (Ctrl-C again to stop at once)\n")
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, handler)
+        return self.event
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def simulate(cfg: ExperimentConfig, out: Path, verbose: bool = False, **experiment_kwargs: Any) -> dict[str, Any]:
     """Run the experiment on the Simulation Engine; returns the summary."""
     from flwr.serverapp import Grid, ServerApp
@@ -89,21 +149,36 @@ def simulate(cfg: ExperimentConfig, out: Path, verbose: bool = False, **experime
 
 
 def run(args: argparse.Namespace) -> int:
+    state = None
     try:
-        cfg = resolve_args(args)
-        out = Path(cfg.out)
-        checked = check(cfg, out)
+        if args.resume:
+            cfg, state = resume_args(args)
+            checked = check(cfg)
+        else:
+            cfg = resolve_args(args)
+            checked = check(cfg, Path(cfg.out))
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    write_run_files(checked, out)
+    out = Path(cfg.out)
+    if state is None:
+        write_run_files(checked, out)
+    else:
+        configuration.write_json(cfg, out / "config.json")  # --rounds or resources may have changed
+        (out / "summary.json").unlink(missing_ok=True)
     print(f"fedsam run → {out}: {cfg.strategy} with {cfg.optimizer} on {cfg.model}, {cfg.dataset} "
           f"{cfg.partition_spec().describe()}, {cfg.num_clients} clients ({cfg.clients_per_round} per round), "
-          f"{cfg.rounds} rounds, seed {cfg.seed}", flush=True)
+          f"{cfg.rounds} rounds, seed {cfg.seed}"
+          + (f"; resuming after round {state['round']}" if state else ""), flush=True)
     try:
-        summary = simulate(cfg, out, args.verbose, data=checked.data)
+        with StopOnInterrupt() as stop:
+            summary = simulate(cfg, out, args.verbose, data=checked.data, stop=stop, resume=state)
     except RunFailed as exc:
-        sys.stderr.write(f"fedsam run: the run stopped: {exc}\n")
+        sys.stderr.write(f"fedsam run: the run stopped at {exc}\n")
         return 1
+    if "stopped_after" in summary:
+        print(f"stopped after round {summary['stopped_after']}, checkpoint written; continue with: "
+              f"fedsam run --resume {out}")
+        return 130
     if not summary:
         sys.stderr.write("fedsam run: the simulation ended without finishing its rounds (see --verbose)\n")
         return 1

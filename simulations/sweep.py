@@ -173,6 +173,11 @@ def command(cfg: ExperimentConfig, ray_cpus: int) -> list[str]:
     return argv
 
 
+def start_run(cfg: ExperimentConfig, ray_cpus: int, log: Any) -> subprocess.Popen:
+    """One ``fedsam run`` in its own process, output to ``log``."""
+    return subprocess.Popen(command(cfg, ray_cpus), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
 def _write_record(path: Path, record: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -233,8 +238,7 @@ def run(args: argparse.Namespace) -> int:
             if out.exists():
                 shutil.rmtree(out)  # an unfinished run starts again from scratch
             log = open(sweep_dir / "logs" / f"{planned.name}.log", "w")
-            proc = subprocess.Popen(command(planned.cfg, ray_cpus), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+            proc = start_run(planned.cfg, ray_cpus, log)
             active.append((planned, proc, time.monotonic(), log))
             record["runs"][planned.name]["status"] = "running"
             _write_record(sweep_dir / "sweep.json", record)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 from logging import INFO, WARNING
 
 import numpy as np
@@ -62,6 +63,14 @@ class SeededRounds:
         self.current_arrays: ArrayRecord | None = None
         self.round_lr: float | None = None
         self.failures: list[tuple[int, str]] = []  # (partition id, reason) of the last round
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What must survive a restart besides the global model (sampling and the lr schedule are
+        functions of the seed and the round, and node ids are asked for again)."""
+        return {}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Inverse of ``checkpoint_state``."""
 
     def local_lr(self, server_round: int, lr: float) -> float:
         return lr * self.lr_decay ** (server_round - 1)

@@ -4,6 +4,10 @@ with this package's seeded sampling and local-lr decay."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvgM as FlowerFedAvgM
@@ -22,6 +26,15 @@ class FedAvgM(SeededRounds, FlowerFedAvgM):
                          min_train_nodes=1, min_evaluate_nodes=0, min_available_nodes=num_clients,
                          train_metrics_aggr_fn=aggregate_train_metrics)
         self._init_rounds(num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Flower's server momentum ``v`` (``momentum_vector``), one array per model array."""
+        vector = self.momentum_vector
+        return {"momentum_vector": None if vector is None else [torch.from_numpy(np.array(v)) for v in vector]}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        vector = state.get("momentum_vector")
+        self.momentum_vector = None if vector is None else [t.numpy() for t in vector]
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -13,6 +13,8 @@ scaling the first round's steps by α. MoFedSAM is FedCM (Xu et al. 2021) with S
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
@@ -36,6 +38,13 @@ class MoFedSAM(FedAvg):
         self.parameter_keys = parameter_keys
         self.client_optimizer, self.rho = client_optimizer, rho
         self.momentum: ArrayRecord | None = None  # m_t; None until round 1 is aggregated
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"momentum": None if self.momentum is None else dict(self.momentum.to_torch_state_dict())}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        momentum = state.get("momentum")
+        self.momentum = None if momentum is None else ArrayRecord(dict(momentum))
 
     def round_content(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
         config = with_sam_defaults(self.round_config(server_round, config), self.client_optimizer, self.rho)

@@ -1,0 +1,115 @@
+"""A catalogue of bad invocations: each exits 2 with one line on stderr, no traceback, no Ray
+cluster, and leaves an existing run folder exactly as it was."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.synthetic import write_cifar10
+
+
+@pytest.fixture
+def world(tmp_path, cifar10_dir, monkeypatch):
+    """Data, a corrupt copy, config files, a finished run and a run without a checkpoint."""
+    import simulations.run
+    import simulations.sweep
+
+    def no_simulation(*args, **kwargs):
+        raise AssertionError("a simulation started")
+
+    monkeypatch.setattr(simulations.run, "simulate", no_simulation)
+    monkeypatch.setattr(simulations.sweep, "start_run", no_simulation)
+
+    corrupt = write_cifar10(tmp_path / "corrupt", per_batch=10, test=10)
+    (corrupt / "cifar-10-batches-py" / "test_batch").write_bytes(b"\x80\x04garbage")
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    for name, text in (("config.json", '{"strategy": "fedsam"}\n'), ("metrics.jsonl", '{"round": 1}\n'),
+                       ("summary.json", '{"final_test_accuracy": 0.5}\n'), ("checkpoint.pt", "precious")):
+        (finished / name).write_text(text)
+    unresumable = tmp_path / "unresumable"
+    unresumable.mkdir()
+    (unresumable / "config.json").write_text('{"dataset": "cifar10"}\n')
+    (tmp_path / "garbage.toml").write_bytes(b"\xff\xfe\x00 = = =")
+    (tmp_path / "unknown.toml").write_text('rounds = 3\nlearning_rate = 0.1\n')
+    (tmp_path / "empty").mkdir()
+    return {"data": str(cifar10_dir), "corrupt": str(corrupt), "finished": str(finished),
+            "unresumable": str(unresumable), "tmp": str(tmp_path)}
+
+
+CASES = [
+    # fedsam run: unknown names
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--strategy", "fedprox"], "invalid choice: 'fedprox'"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--optimizer", "lookahead"], "unknown optimizer 'lookahead'"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--model", "vgg11"], "invalid choice: 'vgg11'"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--dataset", "svhn"], "invalid choice: 'svhn'"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--partition", "shards"], "invalid choice: 'shards'"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--preset", "fedsam-paper"], "invalid choice"),
+    # zero, negative, out of range
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--clients-per-round", "11"], "above num-clients (10)"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--rounds", "0"], "rounds must be >= 1"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--lr", "-0.1"], "lr must be > 0"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--batch-size", "0"], "batch-size must be >= 1"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--num-clients", "0"], "num-clients must be >= 1"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--dirichlet-alpha", "0"], "dirichlet-alpha must be > 0"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--momentum", "1.5"], "momentum must be in [0, 1)"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--eval-every", "-2"], "eval-every must be >= 1"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--checkpoint-every", "0"], "checkpoint-every must be >= 1"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--min-successful-clients", "6"], "above clients-per-round"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--num-clients", "5000"], "5000 clients but only 1000"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--rounds", "1.5"], "invalid int value"),
+    # missing or corrupt data
+    (["run", "--data-dir", "{tmp}/nowhere", "--out", "{tmp}/o"], "CIFAR-10 not found"),
+    (["run", "--data-dir", "{corrupt}", "--out", "{tmp}/o"], "corrupt CIFAR-10 file"),
+    # config files
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--config", "{tmp}/garbage.toml"], "not readable TOML"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--config", "{tmp}/unknown.toml"],
+     "unknown setting 'learning_rate'"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--config", "{tmp}/none.toml"], "does not exist"),
+    # resume and --out
+    (["run", "--resume", "{unresumable}"], "has no checkpoint"),
+    (["run", "--resume", "{tmp}/empty"], "holds no run"),
+    (["run", "--data-dir", "{data}", "--out", "{finished}"], "already holds a run"),
+    (["run", "--resume", "{finished}", "--strategy", "fedavg"], "--strategy cannot change"),
+    # fedsam partition
+    (["partition", "--data-dir", "{data}", "--out", "{tmp}/p", "--partition", "pathological",
+      "--classes-per-client", "12"], "only 10 classes"),
+    (["partition", "--data-dir", "{data}", "--out", "{tmp}/p", "--dirichlet-alpha", "-1"], "dirichlet-alpha must be > 0"),
+    (["partition", "--data-dir", "{tmp}/nowhere", "--out", "{tmp}/p"], "not found"),
+    # fedsam sweep
+    (["sweep", "--data-dir", "{data}", "--out", "{tmp}/s", "--vary", "alpha=0.1,1"], "unknown --vary key 'alpha'"),
+    (["sweep", "--data-dir", "{data}", "--out", "{tmp}/s", "--vary", "lr="], "empty value list"),
+    (["sweep", "--data-dir", "{data}", "--out", "{tmp}/s", "--vary", "lr=0.1", "--seeds", "0,x"], "--seeds"),
+    (["sweep", "--data-dir", "{data}", "--out", "{tmp}/s", "--vary", "rounds=0,1"], "rounds must be >= 1"),
+    # fedsam report
+    (["report", "{tmp}/empty"], "holds no runs"),
+    (["report", "{tmp}/missing"], "is not a folder"),
+]
+
+
+def _snapshot(folder):
+    from pathlib import Path
+
+    return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(Path(folder).iterdir())}
+
+
+@pytest.mark.parametrize("argv,fragment", CASES, ids=[f"{c[0][0]}-{i}" for i, c in enumerate(CASES)])
+def test_bad_invocation(world, capsys, argv, fragment):
+    import ray
+
+    before = _snapshot(world["finished"])
+    code, _, stderr = run_cli([a.format(**world) for a in argv], capsys)
+    assert code == 2, stderr
+    assert stderr.count("\n") == 1 and stderr.startswith(f"fedsam {argv[0]}: error:"), stderr
+    assert fragment in stderr and "Traceback" not in stderr
+    assert not ray.is_initialized()
+    assert _snapshot(world["finished"]) == before
+
+
+def test_the_catalogue_is_large():
+    assert len(CASES) >= 20
+    assert {c[0][0] for c in CASES} == {"run", "partition", "sweep", "report"}

@@ -1,0 +1,235 @@
+"""Runs that survive: checkpoints and exact resume, Ctrl-C, failing clients, divergence."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsam.client_app import app
+from simulations import checkpoint
+from simulations import config as configuration
+from simulations.experiment import RunFailed, check, run_experiment, write_run_files
+from simulations.run import StopOnInterrupt
+from tests.conftest import ROOT, run_cli
+from tests.inprocess import InProcessGrid
+
+BASE = dict(num_clients=4, clients_per_round=3, rounds=4, device="cpu", batch_size=32, checkpoint_every=1)
+
+
+def _cfg(cifar10_dir, out, **changes):
+    values = {"data_dir": str(cifar10_dir), "out": str(out), **BASE, **changes}
+    return configuration.apply(configuration.ExperimentConfig(), values, "test").resolved()
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _without_timing(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def _inprocess(cfg, grid=None, **kwargs):
+    """The run in this process, one thread per client as under Ray with --num-cpus-per-client 1."""
+    out = Path(cfg.out)
+    checked = check(cfg, None if kwargs.get("resume") else out)
+    if not kwargs.get("resume"):
+        write_run_files(checked, out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_experiment(grid or InProcessGrid(app, cfg.num_clients), cfg, out, data=checked.data, echo=False,
+                              **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(cifar10_dir, tmp_path_factory):
+    """An uninterrupted MoFedSAM run (momentum is strategy state a checkpoint must carry)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    _inprocess(_cfg(cifar10_dir, out, strategy="mofedsam"))
+    return out
+
+
+def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_run(cifar10_dir, tmp_path, reference):
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "simulations", "run", "--data-dir", str(cifar10_dir), "--strategy", "mofedsam",
+            "--out", str(out)] + [f"--{k.replace('_', '-')}={v}" for k, v in BASE.items()]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:  # kill as soon as round 2 is checkpointed: round 3 is under way
+            if (out / "checkpoint.pt").exists() and checkpoint.load(out)["round"] >= 2:
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail("no checkpoint of round 2 in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = checkpoint.load(out)["round"]
+    assert 2 <= killed_at < 4 and not (out / "summary.json").exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "simulations", "run", "--resume", str(out)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming after round {killed_at}" in resumed.stdout
+    assert _without_timing(_metrics(out)) == _without_timing(_metrics(reference))
+    a, b = torch.load(out / "model.pt"), torch.load(reference / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class StopDuring(InProcessGrid):
+    """Sets the stop event while round ``at`` is being trained, as Ctrl-C would."""
+
+    def __init__(self, *args, event=None, at=2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.event, self.at, self.round = event, at, 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == "train":
+            self.round += 1
+            if self.round == self.at:
+                self.event.set()
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_a_stop_request_finishes_the_round_checkpoints_and_resumes_exactly(cifar10_dir, tmp_path, reference):
+    import threading
+
+    cfg = _cfg(cifar10_dir, tmp_path / "stopped", strategy="mofedsam", checkpoint_every=10)
+    stop = threading.Event()
+    result = _inprocess(cfg, StopDuring(app, cfg.num_clients, event=stop, at=2), stop=stop)
+    assert result == {"stopped_after": 2}
+    state = checkpoint.load(tmp_path / "stopped")
+    assert state["round"] == 2 and state["strategy"]["momentum"] is not None
+    _inprocess(cfg, resume=state)
+    assert _without_timing(_metrics(tmp_path / "stopped")) == _without_timing(_metrics(reference))
+
+
+def test_ctrl_c_sets_the_stop_event_and_a_second_one_interrupts():
+    with StopOnInterrupt() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert stop.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+
+
+def test_checkpoints_are_written_atomically_and_read_safely(tmp_path):
+    checkpoint.save(tmp_path, {"round": 3, "config": {}, "arrays": {"w": torch.ones(2)}, "strategy": {},
+                               "records": [{"round": 1}], "torch_rng": torch.get_rng_state()})
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+    (tmp_path / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint from a killed writer")
+    assert checkpoint.load(tmp_path)["round"] == 3
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable checkpoint"):
+        checkpoint.load(tmp_path)
+    torch.save({"round": 1, "evil": datetime.timedelta(days=1)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(checkpoint.CheckpointError):  # weights_only refuses arbitrary objects
+        checkpoint.load(tmp_path)
+
+
+@pytest.fixture
+def faults(monkeypatch):
+    def set_faults(fail="", nan=""):
+        monkeypatch.setenv("FEDSAM_TEST_FAIL", fail)
+        monkeypatch.setenv("FEDSAM_TEST_NAN", nan)
+    return set_faults
+
+
+def test_a_client_that_raises_is_left_out_and_recorded(cifar10_dir, tmp_path, faults):
+    faults(fail="1@2")
+    cfg = _cfg(cifar10_dir, tmp_path / "run", clients_per_round=4, optimizer="tests.plugins.faulty:flaky")
+    summary = _inprocess(cfg)
+    records = _metrics(tmp_path / "run")
+    assert [r["failed_clients"] for r in records] == [0, 1, 0, 0]
+    assert records[1]["failures"][0]["client"] == 1 and "out of memory" in records[1]["failures"][0]["reason"]
+    assert summary["rounds"] == 4
+
+
+def test_a_client_that_returns_nan_is_left_out_and_recorded(cifar10_dir, tmp_path, faults):
+    faults(nan="2")
+    cfg = _cfg(cifar10_dir, tmp_path / "run", clients_per_round=4, optimizer="tests.plugins.faulty:flaky")
+    _inprocess(cfg)
+    for record in _metrics(tmp_path / "run"):
+        assert record["failed_clients"] == 1
+        assert record["failures"] == [{"client": 2, "reason": "non-finite values in the returned arrays"}]
+
+
+class Silent(InProcessGrid):
+    """Client 0's replies never arrive, as if it hung past the timeout."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        return [r for r in replies if r.metadata.message_type != "train" or r.metadata.src_node_id != self.node_ids[0]]
+
+
+def test_a_client_that_does_not_reply_in_time_counts_as_failed(cifar10_dir, tmp_path):
+    cfg = _cfg(cifar10_dir, tmp_path / "run", clients_per_round=4, rounds=2, client_timeout=5.0)
+    _inprocess(cfg, Silent(app, cfg.num_clients))
+    for record in _metrics(tmp_path / "run"):
+        assert record["failures"] == [{"client": 0, "reason": "no reply within 5 s"}]
+
+
+def test_too_few_successful_clients_stop_the_run_and_keep_the_last_good_checkpoint(cifar10_dir, tmp_path, faults):
+    faults(fail="0@3,1@3")
+    cfg = _cfg(cifar10_dir, tmp_path / "run", clients_per_round=4, min_successful_clients=3,
+               optimizer="tests.plugins.faulty:flaky")
+    with pytest.raises(RunFailed) as info:
+        _inprocess(cfg)
+    message = str(info.value)
+    assert "round 3" in message and "only 2 of 4 clients succeeded" in message and "out of memory" in message
+    assert "last good checkpoint (round 2)" in message
+    assert checkpoint.load(tmp_path / "run")["round"] == 2
+    assert len(_metrics(tmp_path / "run")) == 2 and not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(cifar10_dir, tmp_path):
+    cfg = _cfg(cifar10_dir, tmp_path / "run", optimizer="tests.plugins.faulty:explode_in_round_2")
+    with pytest.raises(RunFailed, match=r"round 2: the global model diverged.*last good checkpoint \(round 1\)"):
+        _inprocess(cfg)
+    assert checkpoint.load(tmp_path / "run")["round"] == 1
+
+
+def test_failing_client_through_ray(cifar10_dir, tmp_path):
+    """The same failure through Flower's Simulation Engine: the worker's exception becomes an error reply."""
+    out = tmp_path / "ray"
+    env = {**os.environ, "FEDSAM_TEST_FAIL": "0@1"}
+    proc = subprocess.run([sys.executable, "-m", "simulations", "run", "--data-dir", str(cifar10_dir),
+                           "--num-clients", "3", "--clients-per-round", "3", "--rounds", "2", "--device", "cpu",
+                           "--optimizer", "tests.plugins.faulty:flaky", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first, second = _metrics(out)
+    assert first["failed_clients"] == 1 and first["failures"][0]["client"] == 0
+    assert "out of memory" in first["failures"][0]["reason"] and second["failed_clients"] == 0
+    assert "1 client(s) failed" in proc.stdout
+
+
+def test_resume_keeps_the_runs_settings(cifar10_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    _inprocess(_cfg(cifar10_dir, out, rounds=2))
+    code, _, err = run_cli(["run", "--resume", out, "--lr", "0.5"], capsys)
+    assert code == 2 and "--lr cannot change" in err
+    code, _, err = run_cli(["run", "--resume", out], capsys)
+    assert code == 2 and "is finished (2 of 2 rounds); pass --rounds N to extend it" in err
+    code, _, err = run_cli(["run", "--resume", tmp_path / "nothing"], capsys)
+    assert code == 2 and "holds no run" in err
+    (out / "checkpoint.pt").unlink()
+    code, _, err = run_cli(["run", "--resume", out, "--rounds", "3"], capsys)
+    assert code == 2 and "has no checkpoint" in err
