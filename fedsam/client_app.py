@@ -68,18 +68,27 @@ def cached_model(name: str, num_classes: int, norm: str, device: str) -> torch.n
     return build_model(name, num_classes, norm).to(device)
 
 
+def node_partition(node_config: dict, num_clients: int) -> int:
+    """This node's partition id, checked against the run's number of clients."""
+    if "partition-id" not in node_config:
+        raise ValueError("this node has no 'partition-id' in its node config "
+                         "(start it with --node-config \"partition-id=0 num-partitions=N data-dir='...'\")")
+    try:
+        pid = int(node_config["partition-id"])
+    except (TypeError, ValueError):
+        raise ValueError(f"partition-id must be an integer, got {node_config['partition-id']!r}") from None
+    declared = int(node_config.get("num-partitions", num_clients))
+    if declared != num_clients:
+        raise ValueError(f"this node was started for {declared} partitions but the run has {num_clients} clients")
+    if not 0 <= pid < num_clients:
+        raise ValueError(f"partition-id {pid} is outside 0..{num_clients - 1}")
+    return pid
+
+
 def partition_of(context: Context, config: ConfigRecord) -> tuple[int, str]:
-    """This node's partition id and data folder, checked against the run's number of clients."""
-    node = context.node_config
-    if "partition-id" not in node:
-        raise ValueError("this node has no 'partition-id' in its node config (--node-config \"partition-id=0 ...\")")
-    pid, clients = int(node["partition-id"]), int(config["num-clients"])
-    declared = int(node.get("num-partitions", clients))
-    if declared != clients:
-        raise ValueError(f"this node was started for {declared} partitions but the run has {clients} clients")
-    if not 0 <= pid < clients:
-        raise ValueError(f"partition-id {pid} is outside 0..{clients - 1}")
-    return pid, str(node.get("data-dir", config["data-dir"]))
+    """This node's partition id and data folder (``data-dir`` in the node config wins)."""
+    pid = node_partition(context.node_config, int(config["num-clients"]))
+    return pid, str(context.node_config.get("data-dir", config["data-dir"]))
 
 
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -109,12 +118,13 @@ def partition_spec(config: ConfigRecord) -> PartitionSpec:
 
 @app.query("partition_id")
 def answer_partition_id(msg: Message, context: Context) -> Message:
-    """Lets the server map this node to its partition, for seeded client sampling."""
-    node = context.node_config
-    if "partition-id" not in node:
-        raise ValueError("this node has no 'partition-id' in its node config")
-    record = ConfigRecord({"partition-id": int(node["partition-id"]),
-                           "num-partitions": int(node.get("num-partitions", -1))})
+    """Lets the server map this node to its partition, for seeded client sampling, and checks the
+    node's configuration before any training starts."""
+    config, node = msg.content["config"], context.node_config
+    num_clients = config.get("num-clients", node.get("num-partitions"))
+    if num_clients is None:
+        raise ValueError("the run did not say its number of clients, and this node has no 'num-partitions'")
+    record = ConfigRecord({"partition-id": node_partition(node, int(num_clients))})
     return Message(RecordDict({"partition": record}), reply_to=msg)
 
 

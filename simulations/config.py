@@ -81,6 +81,8 @@ class ExperimentConfig:
     num_cpus_per_client: float = _f(1.0, "CPU cores Ray reserves per client")
     num_gpus_per_client: float = _f(-1.0, "GPU share Ray reserves per client, e.g. 0.25 (-1 = auto)")
     ray_num_cpus: int = _f(0, "CPU cores the local Ray instance may use (0 = all; a sweep sets it per run)")
+    ray_address: str = _f("", "attach to a running Ray cluster (auto, HOST:PORT or ray://HOST:PORT) "
+                          "instead of starting one")
     eval_every: int = _f(1, "evaluate the global model on the test set every this many rounds")
     checkpoint_every: int = _f(10, "write checkpoint.pt every this many rounds (and after the last, and on Ctrl-C)")
     min_successful_clients: int = _f(1, "stop the run when fewer clients than this succeed in a round")

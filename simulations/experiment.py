@@ -26,7 +26,7 @@ from simulations import checkpoint
 from simulations import config as configuration
 from simulations.config import ConfigError, ExperimentConfig
 from simulations.results import RunRecorder, holds_a_run
-from strategies import FedAvg, FedAvgM, FedSAM, MoFedSAM
+from strategies import FedAvg, FedAvgM, FedSAM, MoFedSAM, NodeSetupError
 
 EVAL_BATCH = 1000
 
@@ -206,7 +206,10 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
 
     for rnd in range(first, cfg.rounds + 1):
         round_start = time.monotonic()
-        new_arrays, metrics, failures, cohort = _play_round(rnd, strategy, grid, arrays, train_config, cfg)
+        try:
+            new_arrays, metrics, failures, cohort = _play_round(rnd, strategy, grid, arrays, train_config, cfg)
+        except NodeSetupError as exc:
+            raise RunFailed(f"round {rnd}, before training: {exc}") from None
         succeeded = cohort - len(failures)
         needed = min(cfg.min_successful_clients, cohort)
         if new_arrays is None or succeeded < needed:

@@ -30,7 +30,7 @@ import numpy as np
 from simulations.cli import UsageError
 
 NOT_CONFIGURATION = {"seed", "out", "data-dir", "download", "device", "num-cpus-per-client", "num-gpus-per-client",
-                     "ray-num-cpus"}
+                     "ray-num-cpus", "ray-address"}
 METHOD_KEYS = {"strategy", "optimizer", "rho", "eta", "fgsm-steps", "ascent-momentum", "momentum-alpha",
                "server-momentum"}
 

@@ -8,6 +8,7 @@ Everything that can be wrong with the request is checked before Ray starts; then
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from simulations.cli import UsageError
 from simulations.config import ConfigError, ExperimentConfig
 from simulations.experiment import RunFailed, check, run_experiment, write_run_files
 from simulations.presets import PRESETS
+from simulations.ray_cluster import check_reachable
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +48,7 @@ def resolve_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 RESUMABLE = ("rounds", "checkpoint_every", "client_timeout", "min_successful_clients", "num_cpus_per_client",
-             "num_gpus_per_client", "ray_num_cpus")
+             "num_gpus_per_client", "ray_num_cpus", "ray_address")
 
 
 def resume_args(args: argparse.Namespace) -> tuple[ExperimentConfig, dict[str, Any]]:
@@ -85,11 +87,16 @@ def gpus_per_client(cfg: ExperimentConfig) -> float:
 
 
 def backend_config(cfg: ExperimentConfig, verbose: bool) -> dict[str, Any]:
-    init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose}
+    """Flower's backend config: client resources, and ``ray.init`` arguments (Flower's init args)."""
+    init_args: dict[str, Any] = {"log_to_driver": verbose}
     if not verbose:
         init_args["logging_level"] = logging.ERROR
-    if cfg.ray_num_cpus:
-        init_args["num_cpus"] = cfg.ray_num_cpus
+    if cfg.ray_address:
+        init_args["address"] = cfg.ray_address  # the cluster brings its own resources
+    else:
+        init_args["include_dashboard"] = False
+        if cfg.ray_num_cpus:
+            init_args["num_cpus"] = cfg.ray_num_cpus
     return {
         "client_resources": {"num_cpus": cfg.num_cpus_per_client, "num_gpus": gpus_per_client(cfg)},
         "init_args": init_args,
@@ -157,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             cfg = resolve_args(args)
             checked = check(cfg, Path(cfg.out))
+        if cfg.ray_address:
+            cfg = dataclasses.replace(cfg, ray_address=check_reachable(cfg.ray_address))
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     out = Path(cfg.out)

@@ -8,7 +8,8 @@ started again from scratch. ``DIR/sweep.json`` records every run's settings and 
 How many runs at once (``--parallel auto``): enough that each run still gets a core per client
 of a round, ``cores // (clients-per-round × num-cpus-per-client)``, or on a GPU run
 ``GPUs // (clients-per-round × num-gpus-per-client)``; at least one. Each run's Ray instance is
-then limited to its share of the cores (``--ray-num-cpus``).
+then limited to its share of the cores (``--ray-num-cpus``). With ``--ray-address`` every run
+attaches to that cluster and Ray shares its resources among them.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def check_all(runs: list[PlannedRun]) -> None:
 
 
 def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in ("out", "ray-num-cpus")}
+    return {k: v for k, v in cfg.items() if k not in ("out", "ray-num-cpus", "ray-address")}
 
 
 def state_of(planned: PlannedRun) -> str:
@@ -214,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--parallel must be a number or auto, got {args.parallel!r}") from None
         if parallel < 1:
             raise UsageError(f"--parallel must be >= 1, got {parallel}")
-    ray_cpus = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else 0
+    attached = bool(runs[0].cfg.ray_address)  # a running cluster brings its own resources
+    ray_cpus = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 and not attached else 0
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "logs").mkdir(exist_ok=True)

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.supercore import log
 
-from .sampling import ClientSampler, query_partition_ids
+from .sampling import ClientSampler, NodeSetupError, query_partition_ids
 
 
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -79,11 +79,11 @@ class SeededRounds:
         if self.node_of is None:
             wanted = self.sampler.num_clients
             node_ids = _wait_for_nodes(grid, wanted, self.query_timeout)
-            self.node_of = query_partition_ids(grid, node_ids, self.query_timeout)
+            self.node_of = query_partition_ids(grid, node_ids, self.query_timeout, wanted)
             self.partition_of_node = {node: pid for pid, node in self.node_of.items()}
             missing = sorted(set(range(wanted)) - set(self.node_of))
             if missing:
-                raise RuntimeError(f"no node holds partition ids {missing[:10]} (expected 0..{wanted - 1})")
+                raise NodeSetupError(f"no node holds partition ids {missing[:10]} (expected 0..{wanted - 1})")
         return self.node_of
 
     def partition_of(self, reply: Message) -> int:
@@ -144,13 +144,14 @@ def _wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
     while len(nodes := list(grid.get_node_ids())) < wanted:
         now = time.monotonic()
         if now - start > timeout:
-            raise RuntimeError(f"only {len(nodes)} of {wanted} nodes connected within {timeout:.0f} s")
+            raise NodeSetupError(f"only {len(nodes)} of {wanted} nodes connected within {timeout:.0f} s")
         if now - last_report >= 10:
             log(WARNING, "waiting for nodes: %d of %d connected", len(nodes), wanted)
             last_report = now
         time.sleep(0.2)
     if len(nodes) > wanted:
-        raise RuntimeError(f"{len(nodes)} nodes are connected but the run has {wanted} clients (one node per partition)")
+        raise NodeSetupError(f"{len(nodes)} nodes are connected but the run has {wanted} clients "
+                             "(one node per partition)")
     return nodes
 
 

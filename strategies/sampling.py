@@ -39,19 +39,40 @@ class ClientSampler:
                 return chosen.tolist()
 
 
-def query_partition_ids(grid: Grid, node_ids: Iterable[int], timeout: float) -> dict[int, int]:
-    """``{partition id: node id}``, from each node's answer to ``query.partition_id``."""
-    messages = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type=PARTITION_QUERY)
+class NodeSetupError(RuntimeError):
+    """The nodes cannot serve this run (a missing or out-of-range partition id, ...)."""
+
+
+def _reason(text: str) -> str:
+    """The ClientApp's own message, without the wrapping Flower adds around it."""
+    for marker in ("Message: ", ":<'"):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    return text.strip().strip("'>").strip().splitlines()[0] if text.strip() else text
+
+
+def query_partition_ids(grid: Grid, node_ids: Iterable[int], timeout: float,
+                        num_clients: int | None = None) -> dict[int, int]:
+    """``{partition id: node id}``, from each node's answer to ``query.partition_id``.
+
+    With ``num_clients``, each node also checks its partition id against the run, so a node
+    started with a wrong or missing id stops the run before any training."""
+    config = ConfigRecord({} if num_clients is None else {"num-clients": num_clients})
+    node_ids = list(node_ids)
+    messages = [Message(RecordDict({"config": config}), dst_node_id=node, message_type=PARTITION_QUERY)
                 for node in node_ids]
     mapping: dict[int, int] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    for reply in replies:
         if reply.has_error():
-            raise RuntimeError(
-                f"node {reply.metadata.src_node_id} did not say its partition id ({reply.error.reason}); "
-                "seeded sampling needs ClientApps that answer query.partition_id, as fedsam.client_app does"
+            raise NodeSetupError(
+                f"node {reply.metadata.src_node_id} cannot serve this run: {_reason(reply.error.reason)} "
+                "(seeded sampling needs ClientApps that answer query.partition_id, as fedsam.client_app does)"
             )
         pid = int(reply.content["partition"]["partition-id"])
         if pid in mapping:
-            raise RuntimeError(f"two nodes claim partition id {pid}")
+            raise NodeSetupError(f"two nodes claim partition id {pid}")
         mapping[pid] = reply.metadata.src_node_id
+    if len(replies) < len(node_ids):
+        raise NodeSetupError(f"only {len(replies)} of {len(node_ids)} nodes answered within {timeout:.0f} s")
     return mapping

@@ -18,8 +18,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-NOT_IN_RUN_CONFIG = {"download", "num-cpus-per-client", "num-gpus-per-client", "ray-num-cpus", "optimizer", "rho",
-                     "eta"}
+NOT_IN_RUN_CONFIG = {"download", "num-cpus-per-client", "num-gpus-per-client", "ray-num-cpus", "ray-address",
+                     "optimizer", "rho", "eta"}
 
 
 def _pyproject():
