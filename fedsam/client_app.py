@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 
 from fedsam.data import DeviceBatches, PartitionSpec, load, make_partition
 from fedsam.models import build_model
-from fedsam.optim import build
+from fedsam.optim import BUILTIN, build, restart
 from fedsam.train import train_locally
 
 app = ClientApp()
@@ -65,7 +65,40 @@ def client_indices(dataset: str, data_dir: str, spec: PartitionSpec, device: str
 
 @lru_cache(maxsize=4)
 def cached_model(name: str, num_classes: int, norm: str, device: str) -> torch.nn.Module:
-    return build_model(name, num_classes, norm).to(device)
+    model = build_model(name, num_classes, norm).to(device)
+    if device.startswith("cuda"):
+        model = model.to(memory_format=torch.channels_last)  # what cuDNN's fastest convolutions want
+    return model
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPUs by default: forward passes in bf16, weights, gradients and SAM's
+    perturbation (its norm included) in float32. ``fp32`` turns it off; CPUs default to float32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+_optimizers: dict[tuple, tuple[torch.nn.Module, torch.optim.Optimizer]] = {}
+OPTIMIZER_CACHE = 8
+
+
+def local_optimizer(model: torch.nn.Module, spec: str, options: dict) -> torch.optim.Optimizer:
+    """A fresh-acting optimizer for this round. The built-ins are kept per worker process and
+    ``restart``-ed (momentum zeroed in place, the round's lr set); custom specs are built anew."""
+    if spec not in BUILTIN:
+        return build(spec, model.parameters(), **options)
+    fixed = tuple(sorted((k, v) for k, v in options.items() if k not in ("lr", "partition_id", "server_round")))
+    key = (id(model), spec, fixed)
+    kept = _optimizers.get(key)
+    if kept is not None and kept[0] is model:  # the same model object, not a new one at a reused id
+        restart(kept[1], float(options["lr"]))
+        return kept[1]
+    optimizer = build(spec, model.parameters(), **options)
+    if len(_optimizers) >= OPTIMIZER_CACHE:
+        _optimizers.pop(next(iter(_optimizers)))
+    _optimizers[key] = (model, optimizer)
+    return optimizer
 
 
 def node_partition(node_config: dict, num_clients: int) -> int:
@@ -139,17 +172,19 @@ def train(msg: Message, context: Context) -> Message:
     seed = round_seed(int(config["seed"]), int(config["server-round"]), pid)
     torch.manual_seed(seed)
 
+    channels_last = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     batches = DeviceBatches(data.images[idx], data.labels[idx], int(config["batch-size"]), mean=data.mean,
-                            std=data.std, augment=True, shuffle=True, seed=seed)
+                            std=data.std, augment=True, shuffle=True, seed=seed, memory_format=channels_last)
     model = cached_model(str(config["model"]), data.num_classes, str(config.get("norm", "group")), str(device))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    optimizer = build(str(config["optimizer"]), model.parameters(), **optimizer_options(config, pid))
+    optimizer = local_optimizer(model, str(config["optimizer"]), optimizer_options(config, pid))
     momentum = None
     if "momentum" in msg.content:
         momentum = {k: t.to(device) for k, t in msg.content["momentum"].to_torch_state_dict().items()}
     result = train_locally(model, optimizer, batches, int(config["local-epochs"]),
                            grad_clip=float(config.get("grad-clip", 0.0)), global_momentum=momentum,
-                           momentum_alpha=float(config.get("momentum-alpha", 1.0)), num_examples=len(idx))
+                           momentum_alpha=float(config.get("momentum-alpha", 1.0)), num_examples=len(idx),
+                           autocast_dtype=autocast_dtype(str(config.get("precision", "auto")), device))
     metrics = MetricRecord({
         "num-examples": result.num_examples,
         "num-steps": result.num_steps,

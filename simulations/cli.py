@@ -25,13 +25,14 @@ def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="fedsam", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fedsam {fedsam.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    from simulations import partition, report, run, sharpness, sweep  # they import UsageError from here
+    from simulations import bench, partition, report, run, sharpness, sweep  # they import UsageError from here
 
     partition.register(subparsers)
     run.register(subparsers)
     sweep.register(subparsers)
     report.register(subparsers)
     sharpness.register(subparsers)
+    bench.register(subparsers)
     return parser
 
 

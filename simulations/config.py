@@ -78,6 +78,8 @@ class ExperimentConfig:
     grad_clip: float = _f(0.0, "clip each local gradient to this L2 norm (0 = off)")
     # execution and results
     device: str = _f("auto", "where clients train and the server evaluates", ("auto", "cpu", "cuda"))
+    precision: str = _f("auto", "forward passes in bf16 autocast (auto: on GPUs) or fp32; weights, gradients "
+                        "and SAM's perturbation stay fp32", ("auto", "fp32", "bf16"))
     num_cpus_per_client: float = _f(1.0, "CPU cores Ray reserves per client")
     num_gpus_per_client: float = _f(-1.0, "GPU share Ray reserves per client, e.g. 0.25 (-1 = auto)")
     ray_num_cpus: int = _f(0, "CPU cores the local Ray instance may use (0 = all; a sweep sets it per run)")

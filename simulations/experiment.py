@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from fedsam.client_app import resolve_device
+from fedsam.client_app import autocast_dtype, resolve_device
 from fedsam.data import DataError, DeviceBatches, ImageDataset, Partition, PartitionError, load, make_partition
 from fedsam.data import summarize, write_partition_json
 from fedsam.models import build_model
@@ -83,7 +83,7 @@ def client_config(cfg: ExperimentConfig) -> ConfigRecord:
         "optimizer": portable_spec(cfg.optimizer), "fgsm-steps": cfg.fgsm_steps,
         "ascent-momentum": cfg.ascent_momentum, "local-epochs": cfg.local_epochs, "batch-size": cfg.batch_size,
         "lr": cfg.lr, "weight-decay": cfg.weight_decay, "momentum": cfg.momentum, "grad-clip": cfg.grad_clip,
-        "device": cfg.device,
+        "device": cfg.device, "precision": cfg.precision,
     }
     for name, value in (("rho", cfg.rho), ("eta", cfg.eta)):
         if value is not None:
@@ -106,14 +106,15 @@ def build_strategy(cfg: ExperimentConfig, parameter_keys: list[str]):
 class CentralEvaluator:
     """The global model on the whole test set, on the server's device."""
 
-    def __init__(self, model: torch.nn.Module, data: ImageDataset, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, data: ImageDataset, device: torch.device, precision: str) -> None:
         self.model = model.to(device)
+        self.autocast = autocast_dtype(precision, device)
         self.batches = DeviceBatches(data.test_images.to(device), data.test_labels.to(device), EVAL_BATCH,
                                      mean=data.mean, std=data.std)
 
     def __call__(self, arrays: ArrayRecord) -> tuple[float, float]:
         self.model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(self.model, self.batches)
+        return evaluate(self.model, self.batches, autocast_dtype=self.autocast)
 
 
 class SharpnessProbe:
@@ -182,7 +183,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
     model = build_model(cfg.model, data.num_classes, cfg.norm)
     arrays = ArrayRecord(model.state_dict())
     strategy = build_strategy(cfg, [name for name, _ in model.named_parameters()])
-    evaluator = CentralEvaluator(model, data, device)
+    evaluator = CentralEvaluator(model, data, device, cfg.precision)
     probe = None
     if cfg.sharpness_every:
         probe = SharpnessProbe(build_model(cfg.model, data.num_classes, cfg.norm), data, device,

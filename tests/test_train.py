@@ -143,3 +143,40 @@ def test_the_hook_is_removed_after_training():
     opt = build("sam", model.parameters(), lr=0.1)
     train_locally(model, opt, _batches(images, labels, 8), 1, grad_clip=1.0)
     assert not opt.base_optimizer._optimizer_step_pre_hooks
+
+
+def test_a_restarted_builtin_optimizer_equals_a_fresh_one():
+    """The client keeps one optimizer per worker; restart() must make it indistinguishable from new."""
+    from fedsam.optim import restart
+
+    torch.manual_seed(0)
+    images, labels = _data(24)
+    a, b = Tiny(), Tiny()
+    b.load_state_dict(a.state_dict())
+    kept = build("sam", a.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, rho=0.05)
+    for rnd, lr in enumerate((0.1, 0.05)):
+        start = {k: v.clone() for k, v in a.state_dict().items()}
+        b.load_state_dict(start)
+        fresh = build("sam", b.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3, rho=0.05)
+        if rnd:
+            restart(kept, lr)
+        train_locally(a, kept, DeviceBatches(images, labels, 8, mean=(0.5,) * 3, std=(0.25,) * 3, shuffle=True,
+                                             seed=rnd), 2)
+        train_locally(b, fresh, DeviceBatches(images, labels, 8, mean=(0.5,) * 3, std=(0.25,) * 3, shuffle=True,
+                                              seed=rnd), 2)
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_bf16_autocast_keeps_weights_and_the_perturbation_in_float32():
+    torch.manual_seed(0)
+    model = Tiny()
+    images, labels = _data(16)
+    opt = build("sam", model.parameters(), lr=0.1, rho=0.05)
+    seen = []
+    opt.base_optimizer.register_step_pre_hook(lambda *a: seen.extend(s["e_w"].dtype for s in opt.state.values()))
+    result = train_locally(model, opt, _batches(images, labels, 8), 1, autocast_dtype=torch.bfloat16)
+    assert math.isfinite(result.loss)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert seen and set(seen) == {torch.float32}
+    loss, _ = evaluate(model, _batches(images, labels, 16), autocast_dtype=torch.bfloat16)
+    assert math.isfinite(loss)

@@ -3,10 +3,11 @@
 from .base import PerturbThenDescend
 from .batchnorm import FirstPassStats, batchnorm_layers, frozen_running_stats
 from .fgsm import FGSMSAM, l2_equivalent_rho
-from .registry import OptimizerSpecError, build, names, portable_spec, register, resolve
+from .registry import BUILTIN, OptimizerSpecError, build, names, portable_spec, register, resolve, restart
 from .sam import SAM
 
 __all__ = [
+    "BUILTIN",
     "FGSMSAM",
     "FirstPassStats",
     "OptimizerSpecError",
@@ -20,4 +21,5 @@ __all__ = [
     "portable_spec",
     "register",
     "resolve",
+    "restart",
 ]

@@ -132,6 +132,25 @@ def build(spec: str, params: Iterable, **options: Any) -> torch.optim.Optimizer:
         raise OptimizerSpecError(f"optimizer {spec!r}: {type(exc).__name__}: {exc}") from exc
 
 
+def restart(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Make a built-in optimizer behave as if just built with learning rate ``lr``, keeping its memory.
+
+    Federated clients start each round with a fresh optimizer. For the built-ins (SGD underneath)
+    zeroing the momentum buffers in place is exactly that: SGD's first step from a zero buffer
+    gives ``0·μ + g = g``, bit for bit what a fresh buffer holds. SAM's scratch tensors are
+    overwritten every step. Custom optimizers are simply built again.
+    """
+    base = getattr(optimizer, "base_optimizer", optimizer)
+    if not isinstance(base, torch.optim.SGD):
+        raise TypeError(f"restart() supports the SGD-based built-ins, not {type(base).__name__}")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for state in base.state.values():
+        buffer = state.get("momentum_buffer")
+        if buffer is not None:
+            buffer.zero_()
+
+
 def portable_spec(spec: str) -> str:
     """The spec as another process resolves it: registered names become ``module:qualname``."""
     factory = resolve(spec)

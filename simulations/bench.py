@@ -1,0 +1,381 @@
+"""``fedsam bench``: how fast local training and whole simulations run on this machine.
+
+(a) local-training throughput (images/s) and peak memory for sgd, sam, asam and fgsm-sam
+    (steps=2), for ``cnn`` and ``resnet18`` at the presets' batch sizes;
+(b) each optimizer's step time relative to SGD's (SAM's floor is two passes: 2x);
+(c) framework overhead: a complete ``fedsam run`` (Flower + Ray) against exactly the same client
+    work (same data, seeds, steps) in a plain in-process loop, with start-up reported apart from
+    the per-round ratio;
+(d) our data path (``DeviceBatches``) against the usual Flower quickstart path (a torch
+    ``DataLoader`` over a Hugging Face dataset whose ``with_transform`` decodes and transforms
+    each image) on the same training;
+(e) on a GPU: one round of the FL-Simulator MoFedSAM setting (ResNet-18-GN, 10 clients x 5
+    epochs x 500 images, batch 50) through ``fedsam run``.
+
+Every figure is the median of ``--repeats`` runs after a warm-up. The table goes to stdout, the
+figures and a description of the machine to ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsam.client_app import autocast_dtype, resolve_device
+from fedsam.data import DeviceBatches, load
+from fedsam.models import build_model
+from fedsam.optim import build
+from fedsam.train import train_locally
+from simulations.cli import UsageError
+
+OPTIMIZERS = {"sgd": {}, "sam": {"rho": 0.05}, "asam": {"rho": 0.5}, "fgsm-sam": {"steps": 2}}
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="measure training speed and framework overhead", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in well under a minute")
+    parser.add_argument("--data-dir", help="real CIFAR-10 to use (default: random images of the same shape)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--repeats", type=int, help="measured runs per figure (default: 5, quick: 2)")
+    parser.add_argument("--rounds", type=int, help="rounds of the overhead comparison (default: 20, quick: 2)")
+    parser.add_argument("--skip", default="", help="parts to leave out, e.g. c,e")
+    parser.add_argument("--out", default="bench.json", help="JSON file for the figures (default: bench.json)")
+    parser.set_defaults(handler=run)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def machine(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import flwr
+
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+            "cores": os.cpu_count(), "torch": torch.__version__, "flwr": flwr.__version__, "device": device.type,
+            "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1))
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: writing 5 resets the peak resident set size (VmHWM)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def _peak_mib(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def images_for(n: int, data_dir: str | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if data_dir:
+        data = load("cifar10", data_dir)
+        return data.train_images[:n].to(device), data.train_labels[:n].to(device)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return images.to(device), torch.randint(0, 10, (n,), generator=g).to(device)
+
+
+def timed_training(model: torch.nn.Module, spec: str, batches_for, epochs: int, device: torch.device,
+                   repeats: int, autocast) -> tuple[list[float], int, float | None]:
+    """Seconds of each measured run (after one warm-up), steps per run, peak memory (MiB)."""
+    times, steps, peak = [], 0, None
+    start_state = {k: v.clone() for k, v in model.state_dict().items()}
+    for i in range(repeats + 1):
+        model.load_state_dict(start_state)
+        optimizer = build(spec, model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, **OPTIMIZERS[spec])
+        batches = batches_for(i)
+        _sync(device)
+        if i == 1:
+            _reset_peak(device)
+        start = time.perf_counter()
+        result = train_locally(model, optimizer, batches, epochs, autocast_dtype=autocast)
+        _sync(device)
+        if i > 0:  # the first run warms up kernels, allocators and caches
+            times.append(time.perf_counter() - start)
+        steps = result.num_steps
+    peak = _peak_mib(device)
+    return times, steps, peak
+
+
+# ----------------------------------------------------------------------------- (a) and (b)
+
+def throughput(device: torch.device, quick: bool, repeats: int, data_dir: str | None) -> list[dict[str, Any]]:
+    autocast = autocast_dtype("auto", device)
+    on_gpu = device.type == "cuda"
+    settings = [("cnn", 32, "quickstart"), ("cnn", 64, "caldarola-cifar10")]
+    if not quick:
+        settings.append(("resnet18", 50, "fl-simulator-cifar10 batch"))
+    rows = []
+    for model_name, batch, preset in settings:
+        n = (128 if quick else 512) if model_name == "cnn" or on_gpu else 150
+        n = 2000 if on_gpu and not quick else n
+        images, labels = images_for(n, data_dir, device)
+        torch.manual_seed(0)
+        model = build_model(model_name, 10).to(device)
+        fmt = torch.channels_last if on_gpu else torch.contiguous_format
+        model = model.to(memory_format=fmt)
+        for spec in OPTIMIZERS:
+            times, steps, peak = timed_training(
+                model, spec, lambda i: DeviceBatches(images, labels, batch, mean=MEAN, std=STD, augment=True,
+                                                     shuffle=True, seed=i, memory_format=fmt),
+                1, device, repeats, autocast)
+            median = statistics.median(times)
+            rows.append({"model": model_name, "batch": batch, "preset": preset, "optimizer": spec,
+                         "images": n, "steps": steps, "seconds_median": median,
+                         "images_per_s": n / median, "step_ms": 1000 * median / steps, "peak_mib": peak,
+                         "runs": times})
+    for row in rows:
+        sgd = next(r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"]
+                   and r["optimizer"] == "sgd")
+        row["step_time_vs_sgd"] = row["step_ms"] / sgd["step_ms"]
+    return rows
+
+
+# ----------------------------------------------------------------------------- (c)
+
+def plain_loop(cfg, data, rounds: int) -> list[float]:
+    """The same client work as ``fedsam run``, without Flower or Ray: per round, each sampled
+    client trains on its partition with the same seeds, then an example-weighted average."""
+    from fedsam.client_app import client_indices, device_data, local_optimizer, optimizer_options, round_seed
+    from fedsam.train import evaluate
+    from strategies import ClientSampler
+
+    device = resolve_device(cfg.device)
+    dd = device_data(cfg.dataset, cfg.data_dir, str(device))
+    parts = client_indices(cfg.dataset, cfg.data_dir, cfg.partition_spec(), str(device))
+    torch.manual_seed(cfg.seed)
+    global_model = build_model(cfg.model, dd.num_classes, cfg.norm).to(device)
+    worker = build_model(cfg.model, dd.num_classes, cfg.norm).to(device)
+    sampler = ClientSampler(cfg.num_clients, cfg.clients_per_round, cfg.seed, cfg.client_sampling)
+    test = DeviceBatches(data.test_images.to(device), data.test_labels.to(device), 1000, mean=dd.mean, std=dd.std)
+    seconds = []
+    for rnd in range(1, rounds + 1):
+        start = time.perf_counter()
+        states, weights = [], []
+        for pid in sampler.sample(rnd):
+            seed = round_seed(cfg.seed, rnd, pid)
+            torch.manual_seed(seed)
+            worker.load_state_dict(global_model.state_dict())
+            config = {"server-round": rnd, "lr": cfg.lr, "momentum": cfg.momentum, "weight-decay": cfg.weight_decay}
+            optimizer = local_optimizer(worker, cfg.optimizer, optimizer_options(config, pid))
+            idx = parts[pid]
+            batches = DeviceBatches(dd.images[idx], dd.labels[idx], cfg.batch_size, mean=dd.mean, std=dd.std,
+                                    augment=True, shuffle=True, seed=seed)
+            train_locally(worker, optimizer, batches, cfg.local_epochs)
+            states.append({k: v.detach().clone() for k, v in worker.state_dict().items()})
+            weights.append(len(idx))
+        total = float(sum(weights))
+        averaged = {k: sum(w / total * s[k].double() for w, s in zip(weights, states)).to(states[0][k].dtype)
+                    for k in states[0]}
+        global_model.load_state_dict(averaged)
+        evaluate(global_model, test)
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def overhead(device: torch.device, quick: bool, data_dir: str | None, rounds: int, scratch: Path) -> dict[str, Any]:
+    from fedsam.data.synthetic import write_cifar10
+    from simulations import config as configuration
+
+    if data_dir is None:
+        data_dir = str(write_cifar10(scratch / "data", per_batch=100 if quick else 400))
+    clients, per_round = (2, 2) if quick else (10, 5)
+    flags = {"data_dir": data_dir, "num_clients": clients, "clients_per_round": per_round, "rounds": rounds,
+             "strategy": "fedavg", "optimizer": "sgd", "batch_size": 32, "local_epochs": 1,
+             "device": device.type, "checkpoint_every": rounds, "out": str(scratch / "run")}
+    argv = [sys.executable, "-m", "simulations", "run"]
+    for key, value in flags.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    started = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"the fedsam run for (c) failed: {proc.stderr.strip().splitlines()[-1:]}")
+    records = [json.loads(line) for line in (scratch / "run" / "metrics.jsonl").read_text().splitlines()]
+    flower_rounds = [r["seconds"] for r in records]
+    cfg = configuration.apply(configuration.ExperimentConfig(), flags, "bench").resolved()
+    data = load("cifar10", data_dir)
+    plain_loop(cfg, data, 1)  # warm-up: dataset on the device, partition, model
+    plain = plain_loop(cfg, data, rounds)
+    steady = slice(1, None) if rounds > 1 else slice(0, None)
+    ratio = statistics.median(flower_rounds[steady]) / statistics.median(plain[steady])
+    return {
+        "rounds": rounds, "clients": clients, "clients_per_round": per_round, "model": "cnn", "optimizer": "sgd",
+        "fedsam_run_wall_seconds": wall,
+        "startup_seconds": wall - sum(flower_rounds),
+        "first_round_extra_seconds": flower_rounds[0] - statistics.median(flower_rounds[steady]),
+        "round_seconds_fedsam_run": flower_rounds,
+        "round_seconds_plain_loop": plain,
+        "per_round_overhead_ratio": ratio,
+        "note": "round 1 of fedsam run includes starting the Ray workers; the ratio uses rounds 2..R",
+    }
+
+
+# ----------------------------------------------------------------------------- (d)
+
+def quickstart_dataset(images: np.ndarray, labels: np.ndarray):
+    """The Flower quickstart's data path: a Hugging Face dataset of PNG-encoded images, decoded and
+    transformed one image at a time by ``with_transform`` (here with the same crop and flip as
+    ours, so both sides do the same augmentation)."""
+    import datasets
+    from PIL import Image
+    from torchvision import transforms
+
+    datasets.disable_progress_bars()
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+    table = datasets.Dataset.from_dict({"img": [Image.fromarray(img.transpose(1, 2, 0)) for img in images],
+                                        "label": labels.tolist()}, features=features)
+    transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                                    transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+    def apply_transforms(batch: dict) -> dict:
+        batch["img"] = [transform(img) for img in batch["img"]]
+        return batch
+
+    return table.with_transform(apply_transforms)
+
+
+def data_paths(device: torch.device, quick: bool, repeats: int, data_dir: str | None) -> list[dict[str, Any]]:
+    n, batch = (256 if quick else 1024), 32
+    images, labels = images_for(n, data_dir, torch.device("cpu"))
+    dataset = quickstart_dataset(images.numpy(), labels.numpy())
+    on_device = (images.to(device), labels.to(device))
+    autocast = autocast_dtype("auto", device)
+    rows = []
+    for spec in ("sgd", "sam"):
+        torch.manual_seed(0)
+        model = build_model("cnn", 10).to(device)
+
+        def loader(i: int):
+            g = torch.Generator().manual_seed(i)
+            for item in torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, generator=g):
+                yield item["img"].to(device, non_blocking=True), item["label"].to(device, non_blocking=True)
+
+        ours, steps, _ = timed_training(model, spec, lambda i: DeviceBatches(
+            *on_device, batch, mean=MEAN, std=STD, augment=True, shuffle=True, seed=i), 1, device, repeats, autocast)
+        theirs, _, _ = timed_training(model, spec, loader, 1, device, repeats, autocast)
+        rows.append({"model": "cnn", "optimizer": spec, "batch": batch, "images": n,
+                     "images_per_s_device_batches": n / statistics.median(ours),
+                     "images_per_s_dataloader": n / statistics.median(theirs),
+                     "speedup": statistics.median(theirs) / statistics.median(ours)})
+    return rows
+
+
+# ----------------------------------------------------------------------------- (e)
+
+def fl_simulator_round(device: torch.device, scratch: Path, rounds: int = 3) -> dict[str, Any]:
+    """The FL-Simulator MoFedSAM round: 10 clients x 5 epochs x 500 images, ResNet-18-GN, batch 50."""
+    from fedsam.data.synthetic import write_cifar10
+
+    data_dir = write_cifar10(scratch / "fls-data", per_batch=10000, test=1000)
+    out = scratch / "fls"
+    argv = [sys.executable, "-m", "simulations", "run", "--preset", "fl-simulator-cifar10", "--data-dir",
+            str(data_dir), "--rounds", str(rounds), "--client-sampling", "uniform", "--eval-every", str(rounds),
+            "--device", device.type, "--out", str(out)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the FL-Simulator round failed: {proc.stderr.strip().splitlines()[-1:]}")
+    seconds = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"setting": "fl-simulator-cifar10 preset, 100 clients x 500 images, exactly 10 per round",
+            "round_seconds": seconds, "median_round_seconds_after_first": statistics.median(seconds[1:])}
+
+
+# ----------------------------------------------------------------------------- the command
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from None
+    repeats = args.repeats or (2 if args.quick else 5)
+    rounds = args.rounds or (2 if args.quick else 20)
+    if repeats < 1 or rounds < 1:
+        raise UsageError("--repeats and --rounds must be >= 1")
+    if args.data_dir:
+        try:
+            load("cifar10", args.data_dir)
+        except Exception as exc:  # noqa: BLE001 - one line for any data problem
+            raise UsageError(str(exc)) from None
+    skip = set(filter(None, args.skip.split(",")))
+    report: dict[str, Any] = {"machine": machine(device), "quick": args.quick, "repeats": repeats}
+    print(f"fedsam bench on {report['machine']['cpu']} ({report['machine']['cores']} cores)"
+          + (f", {report['machine']['gpu']}" if device.type == "cuda" else ", no GPU")
+          + f"; median of {repeats} after a warm-up", flush=True)
+    with tempfile.TemporaryDirectory(prefix="fedsam-bench-") as scratch:
+        scratch = Path(scratch)
+        if "a" not in skip:
+            rows = throughput(device, args.quick, repeats, args.data_dir)
+            report["throughput"] = rows
+            print("\n(a, b) local training")
+            print(_table(["model", "batch", "optimizer", "images/s", "step ms", "× SGD step", "peak MiB"],
+                         [[r["model"], str(r["batch"]), r["optimizer"], f"{r['images_per_s']:.0f}",
+                           f"{r['step_ms']:.1f}", f"{r['step_time_vs_sgd']:.2f}",
+                           f"{r['peak_mib']:.0f}" if r["peak_mib"] else "—"] for r in rows]), flush=True)
+        if "c" not in skip:
+            result = overhead(device, args.quick, args.data_dir, rounds, scratch)
+            report["overhead"] = result
+            print(f"\n(c) framework overhead, {rounds} rounds of FedAvg-SGD on {result['clients']} clients")
+            print(f"  fedsam run start-up (Python, Ray, Flower): {result['startup_seconds']:.1f} s, "
+                  f"plus {result['first_round_extra_seconds']:.1f} s in round 1 (starting the Ray workers)")
+            print(f"  per round: fedsam run {statistics.median(result['round_seconds_fedsam_run'][1:] or result['round_seconds_fedsam_run']):.2f} s, "
+                  f"plain loop {statistics.median(result['round_seconds_plain_loop'][1:] or result['round_seconds_plain_loop']):.2f} s "
+                  f"→ ratio {result['per_round_overhead_ratio']:.2f}", flush=True)
+        if "d" not in skip:
+            rows = data_paths(device, args.quick, repeats, args.data_dir)
+            report["data_path"] = rows
+            print("\n(d) data path, cnn, batch 32")
+            print(_table(["optimizer", "DeviceBatches img/s", "DataLoader img/s", "speed-up"],
+                         [[r["optimizer"], f"{r['images_per_s_device_batches']:.0f}",
+                           f"{r['images_per_s_dataloader']:.0f}", f"{r['speedup']:.2f}×"] for r in rows]), flush=True)
+        if "e" not in skip and device.type == "cuda" and not args.quick:
+            report["fl_simulator_round"] = fl_simulator_round(device, scratch)
+            print(f"\n(e) FL-Simulator MoFedSAM round: "
+                  f"{report['fl_simulator_round']['median_round_seconds_after_first']:.2f} s", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0

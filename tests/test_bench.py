@@ -1,0 +1,43 @@
+"""``fedsam bench --quick`` runs and writes well-formed figures (no assertion on speed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_quick_bench_writes_every_part(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "simulations", "bench", "--quick", "--device", "cpu",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for heading in ("(a, b) local training", "(c) framework overhead", "(d) data path"):
+        assert heading in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["machine"]["cores"] >= 1 and report["machine"]["torch"] and report["quick"] is True
+    rows = report["throughput"]
+    assert {r["optimizer"] for r in rows} == {"sgd", "sam", "asam", "fgsm-sam"}
+    for r in rows:
+        assert _positive(r["images_per_s"]) and _positive(r["step_ms"]) and _positive(r["step_time_vs_sgd"])
+        assert len(r["runs"]) == report["repeats"]
+    assert all(r["step_time_vs_sgd"] == 1.0 for r in rows if r["optimizer"] == "sgd")
+    overhead = report["overhead"]
+    assert len(overhead["round_seconds_fedsam_run"]) == len(overhead["round_seconds_plain_loop"]) == overhead["rounds"]
+    assert _positive(overhead["per_round_overhead_ratio"]) and overhead["startup_seconds"] > 0
+    for r in report["data_path"]:
+        assert _positive(r["images_per_s_device_batches"]) and _positive(r["images_per_s_dataloader"])
+        assert _positive(r["speedup"])
+
+
+def test_bench_bad_input(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "simulations", "bench", "--quick", "--data-dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not found" in proc.stderr
