@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from fedsam.client_app import autocast_dtype, resolve_device
+from fedsam.client_app import autocast_dtype, optimizer_options, resolve_device
 from fedsam.data import DataError, DeviceBatches, ImageDataset, Partition, PartitionError, load, make_partition
 from fedsam.data import summarize, write_partition_json
 from fedsam.models import build_model
@@ -61,17 +61,13 @@ def check(cfg: ExperimentConfig, out: Path | None = None, data: ImageDataset | N
     except (DataError, PartitionError) as exc:
         raise ConfigError(str(exc)) from None
     try:
-        portable_spec(cfg.optimizer)
+        message_config = client_config(cfg)  # build the optimizer exactly as a client will
+        message_config["server-round"] = 1
         probe = build_model(cfg.model, data.num_classes, cfg.norm)
-        build(cfg.optimizer, probe.parameters(), **optimizer_options(cfg))
+        build(cfg.optimizer, probe.parameters(), **optimizer_options(message_config, 0))
     except OptimizerSpecError as exc:
         raise ConfigError(str(exc)) from None
     return Checked(cfg, data, partition)
-
-
-def optimizer_options(cfg: ExperimentConfig) -> dict[str, Any]:
-    return {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "rho": cfg.rho,
-            "eta": cfg.eta, "steps": cfg.fgsm_steps, "ascent_momentum": cfg.ascent_momentum}
 
 
 def client_config(cfg: ExperimentConfig) -> ConfigRecord:

@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -107,7 +106,6 @@ def quiet_flower(verbose: bool) -> None:
     """Flower logs every message at INFO; our own progress lines say what a user needs."""
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 class StopOnInterrupt:
