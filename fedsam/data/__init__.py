@@ -1,0 +1,23 @@
+"""CIFAR data on the training device, and the non-IID splits users study."""
+
+from .batches import DeviceBatches
+from .cifar import DATASETS, DataError, ImageDataset, load
+from .partition import SCHEMES, Partition, PartitionError, PartitionSpec, make_partition
+from .report import format_summary, label_counts, summarize, write_partition_json
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "DeviceBatches",
+    "ImageDataset",
+    "Partition",
+    "PartitionError",
+    "PartitionSpec",
+    "SCHEMES",
+    "format_summary",
+    "label_counts",
+    "load",
+    "make_partition",
+    "summarize",
+    "write_partition_json",
+]

@@ -1,0 +1,107 @@
+"""Minibatches straight from a uint8 tensor on the training device, augmented in batches.
+
+The usual Flower quickstart feeds a DataLoader whose workers crop, flip and normalise one PIL
+image at a time. Here a client's images sit on the training device as one tensor; each epoch
+draws one permutation and one crop offset and flip per sample from a seeded generator, and each
+batch is a single gather (crop and flip folded into the gather's indices) plus one fused
+normalisation. Nothing runs per image in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+PAD = 4  # RandomCrop(32, padding=4), zero padding, as in the CIFAR literature
+
+
+class DeviceBatches:
+    """Iterate ``(images, labels)`` minibatches of one client's data, epoch after epoch.
+
+    ``images`` is ``uint8 N×3×H×W`` and ``labels`` ``int64 N``, both already on the training
+    device. With ``augment`` each sample gets a random crop (pad 4) and horizontal flip; with
+    ``shuffle`` each epoch visits the samples in a new order. Both come from one generator
+    seeded with ``seed``, so the sequence of batches is reproducible. The last batch of an
+    epoch may be smaller; a last batch of a single sample is folded into the one before it
+    (BatchNorm cannot train on one sample).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: bool = False,
+        shuffle: bool = False,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be a uint8 N×C×H×W tensor, got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels) or len(images) == 0:
+            raise ValueError(f"need as many labels as images, and at least one: {len(images)} vs {len(labels)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = images.device
+        self.images = images
+        self.labels = labels
+        self.augment = augment
+        self.shuffle = shuffle
+        self.dtype = dtype
+        self.memory_format = memory_format
+        channels = images.shape[1]
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, channels, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, channels, 1, 1)
+        self.scale = (1.0 / (255.0 * std_t)).to(dtype)  # x/255 − mean) / std = x·scale − shift
+        self.shift = (mean_t / std_t).to(dtype)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        height, width = images.shape[2:]
+        if augment:
+            self.padded = F.pad(images, (PAD, PAD, PAD, PAD))
+            self.rows = torch.arange(height, device=self.device)
+            self.cols = torch.arange(width, device=self.device)
+        n = len(images)
+        starts = list(range(0, n, batch_size)) + [n]
+        if len(starts) > 2 and starts[-1] - starts[-2] == 1:
+            del starts[-2]
+        self.bounds = list(zip(starts[:-1], starts[1:]))
+
+    def __len__(self) -> int:
+        """Minibatches per epoch."""
+        return len(self.bounds)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.images)
+        g = self.generator
+        if self.shuffle:
+            order = torch.randperm(n, generator=g, device=self.device)
+        else:
+            order = torch.arange(n, device=self.device)
+        if self.augment:
+            offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g, device=self.device)
+            flips = torch.randint(0, 2, (n,), generator=g, device=self.device).bool()
+        for start, stop in self.bounds:
+            idx = order[start:stop]
+            if self.augment:
+                x = self._crop_and_flip(idx, offsets[start:stop], flips[start:stop])
+            else:
+                x = self.images[idx]
+            x = x.to(self.dtype).mul_(self.scale).sub_(self.shift)
+            yield x.contiguous(memory_format=self.memory_format), self.labels[idx]
+
+    def _crop_and_flip(self, idx: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """One gather: row ``dy + r`` and column ``dx + c`` (or ``dx + W−1−c`` when flipped)."""
+        rows = offsets[:, :1] + self.rows  # B×H
+        cols = torch.where(flips[:, None], self.cols.flip(0), self.cols) + offsets[:, 1:]  # B×W
+        patches = self.padded[idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # B×H×W×C
+        return patches.permute(0, 3, 1, 2)
