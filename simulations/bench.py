@@ -211,7 +211,23 @@ def plain_loop(cfg, data, rounds: int) -> list[float]:
     return seconds
 
 
+def _timed_fedsam_run(flags: dict[str, Any]) -> tuple[float, list[float]]:
+    argv = [sys.executable, "-m", "simulations", "run"]
+    for key, value in flags.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    started = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"the fedsam run for (c) failed: {proc.stderr.strip().splitlines()[-1:]}")
+    records = [json.loads(line) for line in (Path(flags["out"]) / "metrics.jsonl").read_text().splitlines()]
+    return wall, [r["seconds"] for r in records]
+
+
 def overhead(device: torch.device, quick: bool, data_dir: str | None, rounds: int, scratch: Path) -> dict[str, Any]:
+    """``fedsam run`` as users run it (a core per client, so clients of a round train side by side in
+    Ray actors), and, unless ``quick``, with every core per client, so clients train one after the
+    other with the same threads as the plain loop: the second isolates what Flower and Ray add."""
     from fedsam.data.synthetic import write_cifar10
     from simulations import config as configuration
 
@@ -221,32 +237,31 @@ def overhead(device: torch.device, quick: bool, data_dir: str | None, rounds: in
     flags = {"data_dir": data_dir, "num_clients": clients, "clients_per_round": per_round, "rounds": rounds,
              "strategy": "fedavg", "optimizer": "sgd", "batch_size": 32, "local_epochs": 1,
              "device": device.type, "checkpoint_every": rounds, "out": str(scratch / "run")}
-    argv = [sys.executable, "-m", "simulations", "run"]
-    for key, value in flags.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    started = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"the fedsam run for (c) failed: {proc.stderr.strip().splitlines()[-1:]}")
-    records = [json.loads(line) for line in (scratch / "run" / "metrics.jsonl").read_text().splitlines()]
-    flower_rounds = [r["seconds"] for r in records]
+    wall, flower_rounds = _timed_fedsam_run(flags)
     cfg = configuration.apply(configuration.ExperimentConfig(), flags, "bench").resolved()
     data = load("cifar10", data_dir)
     plain_loop(cfg, data, 1)  # warm-up: dataset on the device, partition, model
     plain = plain_loop(cfg, data, rounds)
     steady = slice(1, None) if rounds > 1 else slice(0, None)
-    ratio = statistics.median(flower_rounds[steady]) / statistics.median(plain[steady])
-    return {
+    ratio = lambda seconds: statistics.median(seconds[steady]) / statistics.median(plain[steady])  # noqa: E731
+    result = {
         "rounds": rounds, "clients": clients, "clients_per_round": per_round, "model": "cnn", "optimizer": "sgd",
+        "num_cpus_per_client": 1,
         "fedsam_run_wall_seconds": wall,
         "startup_seconds": wall - sum(flower_rounds),
         "first_round_extra_seconds": flower_rounds[0] - statistics.median(flower_rounds[steady]),
         "round_seconds_fedsam_run": flower_rounds,
         "round_seconds_plain_loop": plain,
-        "per_round_overhead_ratio": ratio,
+        "per_round_overhead_ratio": ratio(flower_rounds),
         "note": "round 1 of fedsam run includes starting the Ray workers; the ratio uses rounds 2..R",
     }
+    if not quick:
+        cores = os.cpu_count() or 1
+        wall, matched = _timed_fedsam_run({**flags, "num_cpus_per_client": cores, "out": str(scratch / "run-matched")})
+        result["matched_threads"] = {"num_cpus_per_client": cores, "fedsam_run_wall_seconds": wall,
+                                     "startup_seconds": wall - sum(matched), "round_seconds_fedsam_run": matched,
+                                     "per_round_overhead_ratio": ratio(matched)}
+    return result
 
 
 # ----------------------------------------------------------------------------- (d)
@@ -364,6 +379,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"  per round: fedsam run {statistics.median(result['round_seconds_fedsam_run'][1:] or result['round_seconds_fedsam_run']):.2f} s, "
                   f"plain loop {statistics.median(result['round_seconds_plain_loop'][1:] or result['round_seconds_plain_loop']):.2f} s "
                   f"→ ratio {result['per_round_overhead_ratio']:.2f}", flush=True)
+            if "matched_threads" in result:
+                matched = result["matched_threads"]
+                print(f"  with {matched['num_cpus_per_client']} cores per client (clients one after another, as in "
+                      f"the plain loop): {statistics.median(matched['round_seconds_fedsam_run'][1:] or matched['round_seconds_fedsam_run']):.2f} s "
+                      f"→ ratio {matched['per_round_overhead_ratio']:.2f}", flush=True)
         if "d" not in skip:
             rows = data_paths(device, args.quick, repeats, args.data_dir)
             report["data_path"] = rows
