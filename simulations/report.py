@@ -141,10 +141,11 @@ def rounds_to(metrics: list[dict[str, Any]], target: float) -> int | None:
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample std; one value has no spread to speak of, so its std is None, not 0."""
     values = [v for v in values if v is not None]
     if not values:
         return None, None
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
 def row_stats(row: Row, target: float) -> dict[str, Any]:
@@ -181,7 +182,7 @@ def versus(stats: dict[str, Any], base: dict[str, Any]) -> tuple[float | None, f
     if m is None or mb is None:
         return None, None, ""
     delta = m - mb
-    se = math.sqrt((s ** 2) / max(stats["n"], 1) + (sb ** 2) / max(base["n"], 1))
+    se = math.sqrt(((s or 0.0) ** 2) / max(stats["n"], 1) + ((sb or 0.0) ** 2) / max(base["n"], 1))
     if stats["n"] < 2 or base["n"] < 2:
         verdict = "one seed: no verdict"
     elif delta > 2 * se:
@@ -195,12 +196,12 @@ def versus(stats: dict[str, Any], base: dict[str, Any]) -> tuple[float | None, f
 
 def _pct(pair: tuple[float | None, float | None]) -> str:
     m, s = pair
-    return "—" if m is None else f"{100 * m:.2f} ± {100 * s:.2f}"
+    return "—" if m is None else f"{100 * m:.2f}" + ("" if s is None else f" ± {100 * s:.2f}")
 
 
 def _plain(pair: tuple[float | None, float | None], fmt: str) -> str:
     m, s = pair
-    return "—" if m is None else f"{m:{fmt}} ± {s:{fmt}}"
+    return "—" if m is None else f"{m:{fmt}}" + ("" if s is None else f" ± {s:{fmt}}")
 
 
 def label(row: Row, keys: list[str]) -> str:
@@ -221,7 +222,8 @@ def build_table(rows: list[Row], keys: list[str], target: float) -> tuple[list[s
         elif delta is None:
             compare = "—"
         else:
-            compare = f"{100 * delta:+.2f} ± {100 * se:.2f}: {verdict}"
+            spread = "" if st["n"] < 2 or stats[base.key]["n"] < 2 else f" ± {100 * se:.2f}"
+            compare = f"{100 * delta:+.2f}{spread}: {verdict}"
         to_target = "never" if st["reached"] == 0 else \
             f"{st['to_target'][0]:.0f}" + ("" if st["reached"] == st["n"] else f" ({st['reached']}/{st['n']} seeds)")
         lines.append([label(row, keys), st["seeds"], _pct(st["final"]), _pct(st["last10"]), _pct(st["best"]),
