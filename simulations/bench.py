@@ -211,6 +211,11 @@ def plain_loop(cfg, data, rounds: int) -> list[float]:
     return seconds
 
 
+def _steady_median(seconds: list[float]) -> float:
+    """The median round after the first (which also starts the Ray workers), or the only one."""
+    return statistics.median(seconds[1:] or seconds)
+
+
 def _timed_fedsam_run(flags: dict[str, Any]) -> tuple[float, list[float]]:
     argv = [sys.executable, "-m", "simulations", "run"]
     for key, value in flags.items():
@@ -242,17 +247,16 @@ def overhead(device: torch.device, quick: bool, data_dir: str | None, rounds: in
     data = load("cifar10", data_dir)
     plain_loop(cfg, data, 1)  # warm-up: dataset on the device, partition, model
     plain = plain_loop(cfg, data, rounds)
-    steady = slice(1, None) if rounds > 1 else slice(0, None)
-    ratio = lambda seconds: statistics.median(seconds[steady]) / statistics.median(plain[steady])  # noqa: E731
+    plain_round = _steady_median(plain)
     result = {
         "rounds": rounds, "clients": clients, "clients_per_round": per_round, "model": "cnn", "optimizer": "sgd",
         "num_cpus_per_client": 1,
         "fedsam_run_wall_seconds": wall,
         "startup_seconds": wall - sum(flower_rounds),
-        "first_round_extra_seconds": flower_rounds[0] - statistics.median(flower_rounds[steady]),
+        "first_round_extra_seconds": flower_rounds[0] - _steady_median(flower_rounds),
         "round_seconds_fedsam_run": flower_rounds,
         "round_seconds_plain_loop": plain,
-        "per_round_overhead_ratio": ratio(flower_rounds),
+        "per_round_overhead_ratio": _steady_median(flower_rounds) / plain_round,
         "note": "round 1 of fedsam run includes starting the Ray workers; the ratio uses rounds 2..R",
     }
     if not quick:
@@ -260,7 +264,7 @@ def overhead(device: torch.device, quick: bool, data_dir: str | None, rounds: in
         wall, matched = _timed_fedsam_run({**flags, "num_cpus_per_client": cores, "out": str(scratch / "run-matched")})
         result["matched_threads"] = {"num_cpus_per_client": cores, "fedsam_run_wall_seconds": wall,
                                      "startup_seconds": wall - sum(matched), "round_seconds_fedsam_run": matched,
-                                     "per_round_overhead_ratio": ratio(matched)}
+                                     "per_round_overhead_ratio": _steady_median(matched) / plain_round}
     return result
 
 
@@ -376,13 +380,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"\n(c) framework overhead, {rounds} rounds of FedAvg-SGD on {result['clients']} clients")
             print(f"  fedsam run start-up (Python, Ray, Flower): {result['startup_seconds']:.1f} s, "
                   f"plus {result['first_round_extra_seconds']:.1f} s in round 1 (starting the Ray workers)")
-            print(f"  per round: fedsam run {statistics.median(result['round_seconds_fedsam_run'][1:] or result['round_seconds_fedsam_run']):.2f} s, "
-                  f"plain loop {statistics.median(result['round_seconds_plain_loop'][1:] or result['round_seconds_plain_loop']):.2f} s "
+            print(f"  per round: fedsam run {_steady_median(result['round_seconds_fedsam_run']):.2f} s, "
+                  f"plain loop {_steady_median(result['round_seconds_plain_loop']):.2f} s "
                   f"→ ratio {result['per_round_overhead_ratio']:.2f}", flush=True)
             if "matched_threads" in result:
                 matched = result["matched_threads"]
                 print(f"  with {matched['num_cpus_per_client']} cores per client (clients one after another, as in "
-                      f"the plain loop): {statistics.median(matched['round_seconds_fedsam_run'][1:] or matched['round_seconds_fedsam_run']):.2f} s "
+                      f"the plain loop): {_steady_median(matched['round_seconds_fedsam_run']):.2f} s "
                       f"→ ratio {matched['per_round_overhead_ratio']:.2f}", flush=True)
         if "d" not in skip:
             rows = data_paths(device, args.quick, repeats, args.data_dir)

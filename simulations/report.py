@@ -182,10 +182,10 @@ def versus(stats: dict[str, Any], base: dict[str, Any]) -> tuple[float | None, f
     if m is None or mb is None:
         return None, None, ""
     delta = m - mb
-    se = math.sqrt(((s or 0.0) ** 2) / max(stats["n"], 1) + ((sb or 0.0) ** 2) / max(base["n"], 1))
-    if stats["n"] < 2 or base["n"] < 2:
-        verdict = "one seed: no verdict"
-    elif delta > 2 * se:
+    if s is None or sb is None:  # a single seed has no spread, so no standard error
+        return delta, None, "one seed: no verdict"
+    se = math.sqrt(s ** 2 / stats["n"] + sb ** 2 / base["n"])
+    if delta > 2 * se:
         verdict = "better"
     elif delta < -2 * se:
         verdict = "worse"
@@ -222,7 +222,7 @@ def build_table(rows: list[Row], keys: list[str], target: float) -> tuple[list[s
         elif delta is None:
             compare = "—"
         else:
-            spread = "" if st["n"] < 2 or stats[base.key]["n"] < 2 else f" ± {100 * se:.2f}"
+            spread = "" if se is None else f" ± {100 * se:.2f}"
             compare = f"{100 * delta:+.2f}{spread}: {verdict}"
         to_target = "never" if st["reached"] == 0 else \
             f"{st['to_target'][0]:.0f}" + ("" if st["reached"] == st["n"] else f" ({st['reached']}/{st['n']} seeds)")

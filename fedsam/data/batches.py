@@ -76,10 +76,6 @@ class DeviceBatches:
         """Minibatches per epoch."""
         return len(self.bounds)
 
-    @property
-    def num_samples(self) -> int:
-        return len(self.images)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.images)
         g = self.generator
