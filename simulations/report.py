@@ -194,14 +194,10 @@ def versus(stats: dict[str, Any], base: dict[str, Any]) -> tuple[float | None, f
     return delta, se, verdict
 
 
-def _pct(pair: tuple[float | None, float | None]) -> str:
+def _mean_std_text(pair: tuple[float | None, float | None], fmt: str, scale: float = 1.0) -> str:
+    """"mean ± std", or just the mean when there is one seed, or "—" when there is nothing."""
     m, s = pair
-    return "—" if m is None else f"{100 * m:.2f}" + ("" if s is None else f" ± {100 * s:.2f}")
-
-
-def _plain(pair: tuple[float | None, float | None], fmt: str) -> str:
-    m, s = pair
-    return "—" if m is None else f"{m:{fmt}}" + ("" if s is None else f" ± {s:{fmt}}")
+    return "—" if m is None else f"{scale * m:{fmt}}" + ("" if s is None else f" ± {scale * s:{fmt}}")
 
 
 def label(row: Row, keys: list[str]) -> str:
@@ -226,8 +222,8 @@ def build_table(rows: list[Row], keys: list[str], target: float) -> tuple[list[s
             compare = f"{100 * delta:+.2f}{spread}: {verdict}"
         to_target = "never" if st["reached"] == 0 else \
             f"{st['to_target'][0]:.0f}" + ("" if st["reached"] == st["n"] else f" ({st['reached']}/{st['n']} seeds)")
-        lines.append([label(row, keys), st["seeds"], _pct(st["final"]), _pct(st["last10"]), _pct(st["best"]),
-                      to_target, _plain(st["wall"], ".0f"), _plain(st["sharpness"], ".2f"), compare])
+        lines.append([label(row, keys), st["seeds"], *(_mean_std_text(st[k], ".2f", 100) for k in ("final", "last10", "best")),
+                      to_target, _mean_std_text(st["wall"], ".0f"), _mean_std_text(st["sharpness"], ".2f"), compare])
         records.append({
             "configuration": label(row, keys), **{k: row.config.get(k) for k in keys},
             "seeds_done": st["n"], "seeds_total": len(row.runs),
