@@ -4,6 +4,8 @@ A *configuration* is everything in a run's config.json except the seed and where
 hardware it ran. The table gives, as mean ± standard deviation over seeds (sample std):
 
 - the final test accuracy, and the mean over the last 10% of rounds (Caldarola et al.'s metric);
+- *still rising*: that last-10% mean minus the mean of the 10% of rounds before it, in points; a
+  curve has flattened when this is near zero, and a clearly positive value asks for more rounds;
 - the best test accuracy; the rounds to reach ``--target``; the wall time;
 - the final sharpness (top Hessian eigenvalue), when the runs recorded it (``--sharpness-every``);
 - against the FedAvg + SGD configuration with the same other settings: the difference in final
@@ -124,16 +126,26 @@ def _sort_value(value: Any) -> tuple:
     return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
 
 
-def last_tenth_mean(metrics: list[dict[str, Any]]) -> float | None:
-    """Mean test accuracy over the evaluated rounds among the last 10% of rounds (at least the last one)."""
+def last_tenth_mean(metrics: list[dict[str, Any]], tenths_back: int = 0) -> float | None:
+    """Mean test accuracy over the evaluated rounds among the last 10% of rounds (at least the last
+    one); ``tenths_back=1`` takes the 10% of rounds before those."""
     if not metrics:
         return None
     rounds = metrics[-1]["round"]
-    first = rounds - max(1, math.ceil(0.1 * rounds)) + 1
-    values = [m["test_accuracy"] for m in metrics if m["round"] >= first and m.get("test_accuracy") is not None]
-    if not values:
+    width = max(1, math.ceil(0.1 * rounds))
+    last = rounds - tenths_back * width
+    values = [m["test_accuracy"] for m in metrics
+              if last - width < m["round"] <= last and m.get("test_accuracy") is not None]
+    if not values and tenths_back == 0:
         values = [m["test_accuracy"] for m in metrics if m.get("test_accuracy") is not None][-1:]
     return float(np.mean(values)) if values else None
+
+
+def late_trend(metrics: list[dict[str, Any]]) -> float | None:
+    """How much the curve still climbs: the last 10% of rounds' mean accuracy minus the 10% before.
+    Near zero when the curve has flattened; a clearly positive value means more rounds would help."""
+    last, before = last_tenth_mean(metrics), last_tenth_mean(metrics, tenths_back=1)
+    return None if last is None or before is None else last - before
 
 
 def rounds_to(metrics: list[dict[str, Any]], target: float) -> int | None:
@@ -154,6 +166,7 @@ def row_stats(row: Row, target: float) -> dict[str, Any]:
     stats = {
         "final": mean_std([r.summary["final_test_accuracy"] for r in done]),
         "last10": mean_std([last_tenth_mean(r.metrics) for r in done]),
+        "trend": mean_std([late_trend(r.metrics) for r in done]),
         "best": mean_std([r.summary["best_test_accuracy"] for r in done]),
         "wall": mean_std([r.summary["wall_seconds"] for r in done]),
         "sharpness": mean_std([r.summary.get("final_sharpness") for r in done]),
@@ -197,7 +210,8 @@ def versus(stats: dict[str, Any], base: dict[str, Any]) -> tuple[float | None, f
 def _mean_std_text(pair: tuple[float | None, float | None], fmt: str, scale: float = 1.0) -> str:
     """"mean ± std", or just the mean when there is one seed, or "—" when there is nothing."""
     m, s = pair
-    return "—" if m is None else f"{scale * m:{fmt}}" + ("" if s is None else f" ± {scale * s:{fmt}}")
+    spread = fmt.lstrip("+")  # a signed mean ("+1.20"), an unsigned spread ("± 0.40")
+    return "—" if m is None else f"{scale * m:{fmt}}" + ("" if s is None else f" ± {scale * s:{spread}}")
 
 
 def label(row: Row, keys: list[str]) -> str:
@@ -205,7 +219,8 @@ def label(row: Row, keys: list[str]) -> str:
 
 
 def build_table(rows: list[Row], keys: list[str], target: float) -> tuple[list[str], list[list[str]], list[dict]]:
-    header = ["configuration", "seeds", "final acc %", "last-10% acc %", "best acc %", f"rounds to {100 * target:.0f}%",
+    header = ["configuration", "seeds", "final acc %", "last-10% acc %", "still rising (pts)", "best acc %",
+              f"rounds to {100 * target:.0f}%",
               "wall time s", "sharpness λ_max", "vs FedAvg+SGD (final, pts)"]
     stats = {row.key: row_stats(row, target) for row in rows}
     lines, records = [], []
@@ -222,13 +237,16 @@ def build_table(rows: list[Row], keys: list[str], target: float) -> tuple[list[s
             compare = f"{100 * delta:+.2f}{spread}: {verdict}"
         to_target = "never" if st["reached"] == 0 else \
             f"{st['to_target'][0]:.0f}" + ("" if st["reached"] == st["n"] else f" ({st['reached']}/{st['n']} seeds)")
-        lines.append([label(row, keys), st["seeds"], *(_mean_std_text(st[k], ".2f", 100) for k in ("final", "last10", "best")),
+        lines.append([label(row, keys), st["seeds"],
+                      *(_mean_std_text(st[k], fmt, 100) for k, fmt in (("final", ".2f"), ("last10", ".2f"),
+                                                                      ("trend", "+.2f"), ("best", ".2f"))),
                       to_target, _mean_std_text(st["wall"], ".0f"), _mean_std_text(st["sharpness"], ".2f"), compare])
         records.append({
             "configuration": label(row, keys), **{k: row.config.get(k) for k in keys},
             "seeds_done": st["n"], "seeds_total": len(row.runs),
             "final_mean": st["final"][0], "final_std": st["final"][1],
             "last10_mean": st["last10"][0], "last10_std": st["last10"][1],
+            "trend_mean": st["trend"][0], "trend_std": st["trend"][1],
             "best_mean": st["best"][0], "best_std": st["best"][1],
             "rounds_to_target_mean": st["to_target"][0], "seeds_reaching_target": st["reached"],
             "wall_seconds_mean": st["wall"][0], "sharpness_mean": st["sharpness"][0], "sharpness_std": st["sharpness"][1],
@@ -267,7 +285,9 @@ def run(args: argparse.Namespace) -> int:
     text = [f"# Report: {directory}", "",
             f"{len(runs) + len(lost)} runs, {len(rows)} configurations; mean ± sample std over seeds; "
             f"target accuracy {100 * target:.1f}%. 'vs FedAvg+SGD' is the difference in mean final accuracy to the "
-            "FedAvg + SGD run with the same other settings, ± its standard error; *better*/*worse* beyond 2 SE.", "",
+            "FedAvg + SGD run with the same other settings, ± its standard error; *better*/*worse* beyond 2 SE. "
+            "'still rising' is the last 10% of rounds' mean accuracy minus that of the 10% before: near 0 once "
+            "a curve has flattened.", "",
             markdown_table(header, lines), ""]
     if failed:
         text += ["## Failed or unfinished runs", ""] + [f"- `{r.name}`: {r.error}" for r in failed] + [""]

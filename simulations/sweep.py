@@ -1,9 +1,16 @@
 """``fedsam sweep``: the cross product of ``--vary`` values × ``--seeds``, one ``fedsam run`` each.
 
 Each run is its own ``fedsam run`` process writing to ``DIR/<name>/`` (its output goes to
-``DIR/logs/<name>.log``), so a run that fails is recorded and the sweep goes on. A run whose
-folder already holds a finished run with the same settings is skipped; an unfinished one is
-started again from scratch. ``DIR/sweep.json`` records every run's settings and status.
+``DIR/logs/<name>.log``), so a run that fails is recorded and the sweep goes on. Running the
+sweep again:
+
+- a run already finished with the same settings is skipped;
+- an unfinished one continues from its last checkpoint (``fedsam run --resume``), or starts again
+  from scratch when it has none;
+- a finished one whose only difference is a larger ``--rounds`` is extended from its checkpoint,
+  so a grid that has not flattened yet can be given more rounds without redoing the first ones.
+
+``DIR/sweep.json`` records every run's settings and status.
 
 How many runs at once (``--parallel auto``): enough that each run still gets a core per client
 of a round, ``cores // (clients-per-round × num-cpus-per-client)``, or on a GPU run
@@ -29,12 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from simulations import checkpoint
 from simulations import config as configuration
 from simulations.cli import UsageError
 from simulations.config import ConfigError, ExperimentConfig
 from simulations.experiment import check
 from simulations.presets import PRESETS
 from simulations.results import _duration
+from simulations.run import RESUMABLE
 
 NOT_VARIABLE = ("out", "seed")
 
@@ -136,18 +145,35 @@ def check_all(runs: list[PlannedRun]) -> None:
 
 
 def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in ("out", "ray-num-cpus", "ray-address")}
+    """The settings that decide what a run computes; the rest may change when it is resumed."""
+    return {k: v for k, v in cfg.items() if k != "out" and k.replace("-", "_") not in RESUMABLE}
 
 
-def state_of(planned: PlannedRun) -> str:
-    """done (same settings, finished), stale (other settings), partial (unfinished) or new."""
+def state_of(planned: PlannedRun) -> tuple[str, str]:
+    """What to do with a run's folder, and why: ``done`` (finished, same settings), ``resume`` (a
+    checkpoint to continue or extend), ``restart`` (unfinished, no usable checkpoint), ``new``, or
+    ``stale`` (other settings: the second item names one)."""
     out = Path(planned.cfg.out)
     if not (out / "config.json").is_file():
-        return "partial" if out.exists() else "new"
+        return ("restart", "") if out.exists() else ("new", "")
     saved = json.loads((out / "config.json").read_text())
-    if comparable(saved) != comparable(planned.cfg.to_dict()):
-        return "stale"
-    return "done" if (out / "summary.json").is_file() else "partial"
+    wanted = planned.cfg.to_dict()
+    mine, theirs = comparable(wanted), comparable(saved)
+    if mine != theirs:
+        key = next(k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k))
+        return "stale", f"--{key} {theirs.get(key)} instead of {mine.get(key)}"
+    finished = (out / "summary.json").is_file()
+    if saved.get("rounds") == wanted["rounds"] and finished:
+        return "done", ""
+    try:
+        reached = int(checkpoint.load(out)["round"])
+    except checkpoint.CheckpointError:
+        reached = None
+    if saved.get("rounds", 0) > wanted["rounds"] or (reached or 0) > wanted["rounds"]:
+        return "stale", f"--rounds {saved.get('rounds')} instead of {wanted['rounds']}"
+    if reached is None:
+        return "restart", ""
+    return "resume", f"after round {reached}"
 
 
 def auto_parallel(cfg: ExperimentConfig) -> int:
@@ -174,9 +200,20 @@ def command(cfg: ExperimentConfig, ray_cpus: int) -> list[str]:
     return argv
 
 
-def start_run(cfg: ExperimentConfig, ray_cpus: int, log: Any) -> subprocess.Popen:
+def resume_command(cfg: ExperimentConfig, ray_cpus: int) -> list[str]:
+    """``fedsam run --resume``: the run keeps its own settings; the sweep passes those it may change."""
+    argv = [sys.executable, "-m", "simulations", "run", "--resume", cfg.out]
+    for name in RESUMABLE:
+        value = ray_cpus if name == "ray_num_cpus" else getattr(cfg, name)
+        if value not in (None, ""):
+            argv += [f"--{configuration.key(name)}", str(value)]
+    return argv
+
+
+def start_run(cfg: ExperimentConfig, ray_cpus: int, log: Any, resume: bool = False) -> subprocess.Popen:
     """One ``fedsam run`` in its own process, output to ``log``."""
-    return subprocess.Popen(command(cfg, ray_cpus), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    argv = resume_command(cfg, ray_cpus) if resume else command(cfg, ray_cpus)
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
 def _write_record(path: Path, record: dict[str, Any]) -> None:
@@ -202,10 +239,12 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     check_all(runs)
-    states = {r.name: state_of(r) for r in runs}
+    found = {r.name: state_of(r) for r in runs}
+    states = {name: state for name, (state, _) in found.items()}
     stale = [name for name, state in states.items() if state == "stale"]
     if stale:
-        raise UsageError(f"{sweep_dir / stale[0]} holds a run with other settings; use another --out")
+        raise UsageError(f"{sweep_dir / stale[0]} holds a run with other settings ({found[stale[0]][1]}); "
+                         "use another --out")
     if args.parallel == "auto":
         parallel = auto_parallel(runs[0].cfg)
     else:
@@ -224,11 +263,15 @@ def run(args: argparse.Namespace) -> int:
     for planned in runs:
         record["runs"][planned.name] = {"params": planned.params, "seed": planned.seed,
                                         "status": "done" if states[planned.name] == "done" else "pending"}
+        if states[planned.name] == "resume":
+            record["runs"][planned.name]["resumed"] = found[planned.name][1]
     _write_record(sweep_dir / "sweep.json", record)
 
     todo = [r for r in runs if states[r.name] != "done"]
     skipped = len(runs) - len(todo)
-    print(f"fedsam sweep → {sweep_dir}: {len(runs)} runs ({skipped} already done), {parallel} at a time", flush=True)
+    resumed = sum(state == "resume" for state in states.values())
+    print(f"fedsam sweep → {sweep_dir}: {len(runs)} runs ({skipped} already done"
+          + (f", {resumed} to continue from a checkpoint" if resumed else "") + f"), {parallel} at a time", flush=True)
     started = time.monotonic()
     active: list[tuple[PlannedRun, subprocess.Popen, float, Any]] = []
     finished = failed = 0
@@ -237,10 +280,11 @@ def run(args: argparse.Namespace) -> int:
         while queue and len(active) < parallel:
             planned = queue.pop(0)
             out = Path(planned.cfg.out)
-            if out.exists():
-                shutil.rmtree(out)  # an unfinished run starts again from scratch
-            log = open(sweep_dir / "logs" / f"{planned.name}.log", "w")
-            proc = start_run(planned.cfg, ray_cpus, log)
+            resume = states[planned.name] == "resume"
+            if out.exists() and not resume:
+                shutil.rmtree(out)  # unfinished and nothing to continue from: start again
+            log = open(sweep_dir / "logs" / f"{planned.name}.log", "a" if resume else "w")
+            proc = start_run(planned.cfg, ray_cpus, log, resume)
             active.append((planned, proc, time.monotonic(), log))
             record["runs"][planned.name]["status"] = "running"
             _write_record(sweep_dir / "sweep.json", record)

@@ -4,11 +4,16 @@ round loop and the strategies run exactly as under Ray, without Ray."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedsam.client_app import app
+from simulations.experiment import check, run_experiment, write_run_files
 
 
 def _ensure_task_identity() -> None:
@@ -62,3 +67,18 @@ class InProcessGrid(Grid):
                                 reply_to=message)
             replies.append(reply)
         return replies
+
+
+def run_inprocess(cfg, grid=None, **kwargs):
+    """The run in this process, one thread per client as under Ray with --num-cpus-per-client 1."""
+    out = Path(cfg.out)
+    checked = check(cfg, None if kwargs.get("resume") else out)
+    if not kwargs.get("resume"):
+        write_run_files(checked, out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_experiment(grid or InProcessGrid(app, cfg.num_clients), cfg, out, data=checked.data, echo=False,
+                              **kwargs)
+    finally:
+        torch.set_num_threads(threads)

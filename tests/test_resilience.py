@@ -17,10 +17,10 @@ import torch
 from fedsam.client_app import app
 from simulations import checkpoint
 from simulations import config as configuration
-from simulations.experiment import RunFailed, check, run_experiment, write_run_files
+from simulations.experiment import RunFailed
 from simulations.run import StopOnInterrupt
 from tests.conftest import ROOT, run_cli
-from tests.inprocess import InProcessGrid
+from tests.inprocess import InProcessGrid, run_inprocess
 
 BASE = dict(num_clients=4, clients_per_round=3, rounds=4, device="cpu", batch_size=32, checkpoint_every=1)
 
@@ -38,26 +38,11 @@ def _without_timing(records):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
-def _inprocess(cfg, grid=None, **kwargs):
-    """The run in this process, one thread per client as under Ray with --num-cpus-per-client 1."""
-    out = Path(cfg.out)
-    checked = check(cfg, None if kwargs.get("resume") else out)
-    if not kwargs.get("resume"):
-        write_run_files(checked, out)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run_experiment(grid or InProcessGrid(app, cfg.num_clients), cfg, out, data=checked.data, echo=False,
-                              **kwargs)
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def reference(cifar10_dir, tmp_path_factory):
     """An uninterrupted MoFedSAM run (momentum is strategy state a checkpoint must carry)."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    _inprocess(_cfg(cifar10_dir, out, strategy="mofedsam"))
+    run_inprocess(_cfg(cifar10_dir, out, strategy="mofedsam"))
     return out
 
 
@@ -112,11 +97,11 @@ def test_a_stop_request_finishes_the_round_checkpoints_and_resumes_exactly(cifar
 
     cfg = _cfg(cifar10_dir, tmp_path / "stopped", strategy="mofedsam", checkpoint_every=10)
     stop = threading.Event()
-    result = _inprocess(cfg, StopDuring(app, cfg.num_clients, event=stop, at=2), stop=stop)
+    result = run_inprocess(cfg, StopDuring(app, cfg.num_clients, event=stop, at=2), stop=stop)
     assert result == {"stopped_after": 2}
     state = checkpoint.load(tmp_path / "stopped")
     assert state["round"] == 2 and state["strategy"]["momentum"] is not None
-    _inprocess(cfg, resume=state)
+    run_inprocess(cfg, resume=state)
     assert _without_timing(_metrics(tmp_path / "stopped")) == _without_timing(_metrics(reference))
 
 
@@ -155,7 +140,7 @@ def faults(monkeypatch):
 def test_a_client_that_raises_is_left_out_and_recorded(cifar10_dir, tmp_path, faults):
     faults(fail="1@2")
     cfg = _cfg(cifar10_dir, tmp_path / "run", clients_per_round=4, optimizer="tests.plugins.faulty:flaky")
-    summary = _inprocess(cfg)
+    summary = run_inprocess(cfg)
     records = _metrics(tmp_path / "run")
     assert [r["failed_clients"] for r in records] == [0, 1, 0, 0]
     assert records[1]["failures"][0]["client"] == 1 and "out of memory" in records[1]["failures"][0]["reason"]
@@ -165,7 +150,7 @@ def test_a_client_that_raises_is_left_out_and_recorded(cifar10_dir, tmp_path, fa
 def test_a_client_that_returns_nan_is_left_out_and_recorded(cifar10_dir, tmp_path, faults):
     faults(nan="2")
     cfg = _cfg(cifar10_dir, tmp_path / "run", clients_per_round=4, optimizer="tests.plugins.faulty:flaky")
-    _inprocess(cfg)
+    run_inprocess(cfg)
     for record in _metrics(tmp_path / "run"):
         assert record["failed_clients"] == 1
         assert record["failures"] == [{"client": 2, "reason": "non-finite values in the returned arrays"}]
@@ -181,7 +166,7 @@ class Silent(InProcessGrid):
 
 def test_a_client_that_does_not_reply_in_time_counts_as_failed(cifar10_dir, tmp_path):
     cfg = _cfg(cifar10_dir, tmp_path / "run", clients_per_round=4, rounds=2, client_timeout=5.0)
-    _inprocess(cfg, Silent(app, cfg.num_clients))
+    run_inprocess(cfg, Silent(app, cfg.num_clients))
     for record in _metrics(tmp_path / "run"):
         assert record["failures"] == [{"client": 0, "reason": "no reply within 5 s"}]
 
@@ -191,7 +176,7 @@ def test_too_few_successful_clients_stop_the_run_and_keep_the_last_good_checkpoi
     cfg = _cfg(cifar10_dir, tmp_path / "run", clients_per_round=4, min_successful_clients=3,
                optimizer="tests.plugins.faulty:flaky")
     with pytest.raises(RunFailed) as info:
-        _inprocess(cfg)
+        run_inprocess(cfg)
     message = str(info.value)
     assert "round 3" in message and "only 2 of 4 clients succeeded" in message and "out of memory" in message
     assert "last good checkpoint (round 2)" in message
@@ -202,7 +187,7 @@ def test_too_few_successful_clients_stop_the_run_and_keep_the_last_good_checkpoi
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(cifar10_dir, tmp_path):
     cfg = _cfg(cifar10_dir, tmp_path / "run", optimizer="tests.plugins.faulty:explode_in_round_2")
     with pytest.raises(RunFailed, match=r"round 2: the global model diverged.*last good checkpoint \(round 1\)"):
-        _inprocess(cfg)
+        run_inprocess(cfg)
     assert checkpoint.load(tmp_path / "run")["round"] == 1
 
 
@@ -223,7 +208,7 @@ def test_failing_client_through_ray(cifar10_dir, tmp_path):
 
 def test_resume_keeps_the_runs_settings(cifar10_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    _inprocess(_cfg(cifar10_dir, out, rounds=2))
+    run_inprocess(_cfg(cifar10_dir, out, rounds=2))
     code, _, err = run_cli(["run", "--resume", out, "--lr", "0.5"], capsys)
     assert code == 2 and "--lr cannot change" in err
     code, _, err = run_cli(["run", "--resume", out], capsys)

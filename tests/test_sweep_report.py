@@ -10,18 +10,21 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from simulations.report import last_tenth_mean, rounds_to
+from simulations import config as configuration
+from simulations.report import last_tenth_mean, late_trend, rounds_to
 from tests.conftest import ROOT, run_cli
+from tests.inprocess import run_inprocess
 
 GRID = ["--vary", "dirichlet-alpha=0.5,100", "--vary", "strategy=fedavg,fedsam", "--seeds", "0",
         "--num-clients", "3", "--clients-per-round", "2", "--rounds", "2", "--device", "cpu", "--batch-size", "32",
         "--sharpness-every", "2", "--sharpness-samples", "64"]
 
 
-def _sweep(cifar10_dir, out, *extra):
+def _sweep(cifar10_dir, out, *extra, grid_args=GRID):
     return subprocess.run([sys.executable, "-m", "simulations", "sweep", "--out", str(out), "--data-dir",
-                           str(cifar10_dir), *GRID, *extra], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                           str(cifar10_dir), *grid_args, *extra], cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -46,17 +49,58 @@ def test_the_cross_product_runs_each_in_its_own_folder(swept):
     assert "[4/4]" in stdout and "ETA" in stdout
 
 
-def test_running_the_sweep_again_skips_finished_runs_and_redoes_unfinished_ones(swept, cifar10_dir):
+def test_running_the_sweep_again_skips_finished_runs_and_picks_up_unfinished_ones(swept, cifar10_dir):
     out, _ = swept
-    unfinished = out / "dirichlet-alpha=100.0__strategy=fedsam__seed=0"
-    (unfinished / "summary.json").unlink()
+    interrupted = out / "dirichlet-alpha=100.0__strategy=fedsam__seed=0"  # checkpointed, then stopped
+    (interrupted / "summary.json").unlink()
+    kept_metrics = (interrupted / "metrics.jsonl").read_text()
+    lost = out / "dirichlet-alpha=0.5__strategy=fedavg__seed=0"  # stopped before any checkpoint
+    (lost / "summary.json").unlink()
+    (lost / "checkpoint.pt").unlink()
+    (lost / "metrics.jsonl").write_text("")
     before = {p.name: (p / "metrics.jsonl").stat().st_mtime_ns for p in out.iterdir() if (p / "summary.json").exists()}
     proc = _sweep(cifar10_dir, out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "4 runs (3 already done)" in proc.stdout and "[4/4]" in proc.stdout
+    assert "4 runs (2 already done, 1 to continue from a checkpoint)" in proc.stdout and "[4/4]" in proc.stdout
     after = {p.name: (p / "metrics.jsonl").stat().st_mtime_ns for p in out.iterdir() if (p / "summary.json").exists()}
     assert all(after[name] == mtime for name, mtime in before.items())
-    assert (unfinished / "summary.json").is_file()
+    assert (interrupted / "summary.json").is_file() and (interrupted / "metrics.jsonl").read_text() == kept_metrics
+    assert "resuming after round 2" in (out / "logs" / f"{interrupted.name}.log").read_text()
+    assert (lost / "summary.json").is_file() and len((lost / "metrics.jsonl").read_text().splitlines()) == 2
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["runs"][interrupted.name]["resumed"] == "after round 2"
+
+
+def test_more_rounds_extend_finished_runs_exactly(cifar10_dir, tmp_path):
+    """A grid given more --rounds continues each run from its checkpoint; MoFedSAM's momentum is
+    state the checkpoint must carry, and the result is the uninterrupted run's."""
+    grid = ["--vary", "strategy=mofedsam", "--num-clients", "3", "--clients-per-round", "2", "--device", "cpu",
+            "--batch-size", "32"]
+    out = tmp_path / "grid"
+    run = out / "strategy=mofedsam__seed=0"
+    first = _sweep(cifar10_dir, out, *grid, "--rounds", "2", grid_args=[])
+    assert first.returncode == 0, first.stdout + first.stderr
+    two_rounds = (run / "metrics.jsonl").read_text().splitlines()
+    more = _sweep(cifar10_dir, out, *grid, "--rounds", "3", grid_args=[])
+    assert more.returncode == 0, more.stdout + more.stderr
+    assert "1 runs (0 already done, 1 to continue from a checkpoint)" in more.stdout
+    extended = (run / "metrics.jsonl").read_text().splitlines()
+    assert extended[:2] == two_rounds and len(extended) == 3
+    assert json.loads((run / "summary.json").read_text())["rounds"] == 3
+
+    saved = json.loads((run / "config.json").read_text())
+    straight = configuration.apply(configuration.ExperimentConfig(), {**saved, "out": str(tmp_path / "straight")},
+                                   "test")
+    run_inprocess(straight)
+    untimed = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in extended]
+    reference = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                 for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert untimed == reference
+    a, b = torch.load(run / "model.pt"), torch.load(tmp_path / "straight" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    fewer = _sweep(cifar10_dir, out, *grid, "--rounds", "2", grid_args=[])
+    assert fewer.returncode == 2 and "other settings (--rounds 3 instead of 2)" in fewer.stderr
 
 
 def test_report_table_csv_and_plots(swept, capsys):
@@ -66,7 +110,7 @@ def test_report_table_csv_and_plots(swept, capsys):
     md = (out / "report.md").read_text()
     for label in ("dirichlet-alpha=0.5 strategy=fedavg", "dirichlet-alpha=100.0 strategy=fedsam"):
         assert label in md
-    assert "baseline" in md and "rounds to 30%" in md and "![curves.png](curves.png)" in md
+    assert "baseline" in md and "rounds to 30%" in md and "still rising (pts)" in md and "![curves.png](curves.png)" in md
     rows = list(csv.DictReader(open(out / "report.csv")))
     assert len(rows) == 4
     for row in rows:
@@ -76,6 +120,7 @@ def test_report_table_csv_and_plots(swept, capsys):
         assert float(row["final_mean"]) == pytest.approx(summary["final_test_accuracy"])
         assert float(row["best_mean"]) == pytest.approx(summary["best_test_accuracy"])
         assert float(row["last10_mean"]) == pytest.approx(last_tenth_mean(metrics))
+        assert float(row["trend_mean"]) == pytest.approx(metrics[1]["test_accuracy"] - metrics[0]["test_accuracy"])
         assert float(row["sharpness_mean"]) == pytest.approx(summary["final_sharpness"])
         assert row["verdict"] == ("baseline" if row["strategy"] == "fedavg" else "one seed: no verdict")
     for name in ("curves.png", "alpha.png", "sharpness.png"):
@@ -116,6 +161,13 @@ def test_a_failed_run_is_recorded_and_does_not_stop_the_sweep(swept, cifar10_dir
 def test_last_tenth_and_rounds_to_target():
     metrics = [{"round": r, "test_accuracy": a} for r, a in zip(range(1, 21), [0.1 * (i % 10) for i in range(20)])]
     assert last_tenth_mean(metrics) == pytest.approx((0.8 + 0.9) / 2)
+    assert last_tenth_mean(metrics, tenths_back=1) == pytest.approx((0.6 + 0.7) / 2)
+    assert late_trend(metrics) == pytest.approx(0.2)
+    rising = [{"round": r, "test_accuracy": 0.01 * r} for r in range(1, 101)]  # + 0.1 per 10 rounds
+    assert late_trend(rising) == pytest.approx(0.1)
+    flat = [{"round": r, "test_accuracy": 0.5 + 0.01 * (-1) ** r} for r in range(1, 101)]
+    assert late_trend(flat) == pytest.approx(0.0, abs=1e-12)
+    assert late_trend(metrics[:1]) is None  # one round: nothing before the last tenth
     assert rounds_to(metrics, 0.5) == 6 and rounds_to(metrics, 0.95) is None
 
 
