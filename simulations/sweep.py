@@ -169,7 +169,7 @@ def state_of(planned: PlannedRun) -> tuple[str, str]:
         reached = int(checkpoint.load(out)["round"])
     except checkpoint.CheckpointError:
         reached = None
-    if saved.get("rounds", 0) > wanted["rounds"] or (reached or 0) > wanted["rounds"]:
+    if saved.get("rounds", 0) > wanted["rounds"]:  # a checkpoint is never past its config's rounds
         return "stale", f"--rounds {saved.get('rounds')} instead of {wanted['rounds']}"
     if reached is None:
         return "restart", ""
@@ -187,9 +187,15 @@ def auto_parallel(cfg: ExperimentConfig) -> int:
     return max(1, (os.cpu_count() or 1) // math.ceil(cfg.clients_per_round * cfg.num_cpus_per_client))
 
 
-def command(cfg: ExperimentConfig, ray_cpus: int) -> list[str]:
+def command(cfg: ExperimentConfig, ray_cpus: int, resume: bool = False) -> list[str]:
+    """The ``fedsam run`` argv: every setting, or with ``resume`` only those a resumed run may change
+    (it keeps its own config.json for the rest)."""
+    values = dataclasses.asdict(dataclasses.replace(cfg, ray_num_cpus=ray_cpus))
     argv = [sys.executable, "-m", "simulations", "run"]
-    for name, value in dataclasses.asdict(dataclasses.replace(cfg, ray_num_cpus=ray_cpus)).items():
+    if resume:
+        argv += ["--resume", cfg.out]
+        values = {name: values[name] for name in RESUMABLE}
+    for name, value in values.items():
         if value is None:
             continue
         flag = f"--{configuration.key(name)}"
@@ -200,20 +206,10 @@ def command(cfg: ExperimentConfig, ray_cpus: int) -> list[str]:
     return argv
 
 
-def resume_command(cfg: ExperimentConfig, ray_cpus: int) -> list[str]:
-    """``fedsam run --resume``: the run keeps its own settings; the sweep passes those it may change."""
-    argv = [sys.executable, "-m", "simulations", "run", "--resume", cfg.out]
-    for name in RESUMABLE:
-        value = ray_cpus if name == "ray_num_cpus" else getattr(cfg, name)
-        if value not in (None, ""):
-            argv += [f"--{configuration.key(name)}", str(value)]
-    return argv
-
-
 def start_run(cfg: ExperimentConfig, ray_cpus: int, log: Any, resume: bool = False) -> subprocess.Popen:
     """One ``fedsam run`` in its own process, output to ``log``."""
-    argv = resume_command(cfg, ray_cpus) if resume else command(cfg, ray_cpus)
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(command(cfg, ray_cpus, resume), stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
 
 
 def _write_record(path: Path, record: dict[str, Any]) -> None:
