@@ -97,7 +97,7 @@ def collect(directory: Path) -> tuple[list[RunResult], list[dict[str, Any]]]:
     known = {r.name for r in runs}
     lost = [{"name": name, "error": entry.get("error") or entry.get("status")}
             for name, entry in sweep.get("runs", {}).items()
-            if name not in known and entry.get("status") in ("failed", "running", "pending")]
+            if name not in known and entry.get("status") in ("failed", "stopped", "running", "pending")]
     return runs, lost
 
 

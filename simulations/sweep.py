@@ -12,6 +12,11 @@ sweep again:
 
 ``DIR/sweep.json`` records every run's settings and status.
 
+Ctrl-C stops a sweep the way it stops a run: the runs under way finish their round, write a
+checkpoint and exit (a second Ctrl-C stops them at once), nothing new starts, and running the same
+command again continues them. SIGTERM ends the sweep and its runs at once; they continue from
+their last periodic checkpoint.
+
 How many runs at once (``--parallel auto``): enough that each run still gets a core per client
 of a round, ``cores // (clients-per-round × num-cpus-per-client)``, or on a GPU run
 ``GPUs // (clients-per-round × num-gpus-per-client)``; at least one. Each run's Ray instance is
@@ -29,8 +34,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +53,7 @@ from simulations.results import _duration
 from simulations.run import RESUMABLE
 
 NOT_VARIABLE = ("out", "seed")
+STOPPED = (130, -signal.SIGINT)  # a run's exit after Ctrl-C: with a fresh checkpoint, or at once
 
 
 @dataclass
@@ -207,9 +215,52 @@ def command(cfg: ExperimentConfig, ray_cpus: int, resume: bool = False) -> list[
 
 
 def start_run(cfg: ExperimentConfig, ray_cpus: int, log: Any, resume: bool = False) -> subprocess.Popen:
-    """One ``fedsam run`` in its own process, output to ``log``."""
+    """One ``fedsam run`` in its own process, output to ``log``. It gets its own session, so a
+    terminal's Ctrl-C reaches only the sweep, which passes it on once (see ``ForwardSignals``)."""
     return subprocess.Popen(command(cfg, ray_cpus, resume), stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+class ForwardSignals:
+    """The runs have their own sessions, so the sweep passes signals on. Ctrl-C: each run under way
+    finishes its round and checkpoints, and nothing new starts; a second Ctrl-C stops them at once.
+    SIGTERM, or SIGHUP from a closed terminal: the runs get it too and the sweep exits."""
+
+    def __init__(self, running: Any) -> None:
+        self.running = running  # called on each signal: the processes to pass it to
+        self.interrupts = 0
+        self.previous: dict[int, Any] = {}
+
+    def _pass_on(self, signum: int) -> None:
+        for proc in self.running():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        self.interrupts += 1
+        if self.interrupts == 1:
+            sys.stderr.write("\nstopping: the runs under way finish their round and write a checkpoint "
+                             "(Ctrl-C again to stop them at once)\n")
+        self._pass_on(signum)
+
+    def _end(self, signum: int, frame: Any) -> None:
+        self._pass_on(signum)
+        raise SystemExit(128 + signum)
+
+    def __enter__(self) -> "ForwardSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in ((signal.SIGINT, self._interrupt), (signal.SIGTERM, self._end),
+                                    (signal.SIGHUP, self._end)):
+                self.previous[signum] = signal.signal(signum, handler)
+        return self
+
+    @property
+    def stopping(self) -> bool:
+        return self.interrupts > 0
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def _write_record(path: Path, record: dict[str, Any]) -> None:
@@ -270,47 +321,56 @@ def run(args: argparse.Namespace) -> int:
           + (f", {resumed} to continue from a checkpoint" if resumed else "") + f"), {parallel} at a time", flush=True)
     started = time.monotonic()
     active: list[tuple[PlannedRun, subprocess.Popen, float, Any]] = []
-    finished = failed = 0
+    finished = failed = stopped = 0
     queue = list(todo)
-    while queue or active:
-        while queue and len(active) < parallel:
-            planned = queue.pop(0)
-            out = Path(planned.cfg.out)
-            resume = states[planned.name] == "resume"
-            if out.exists() and not resume:
-                shutil.rmtree(out)  # unfinished and nothing to continue from: start again
-            log = open(sweep_dir / "logs" / f"{planned.name}.log", "a" if resume else "w")
-            proc = start_run(planned.cfg, ray_cpus, log, resume)
-            active.append((planned, proc, time.monotonic(), log))
-            record["runs"][planned.name]["status"] = "running"
-            _write_record(sweep_dir / "sweep.json", record)
-        time.sleep(0.5)
-        for item in list(active):
-            planned, proc, t0, log = item
-            if proc.poll() is None:
-                continue
-            active.remove(item)
-            log.close()
-            finished += 1
-            entry = record["runs"][planned.name]
-            entry["seconds"] = time.monotonic() - t0
-            entry["returncode"] = proc.returncode
-            label = " ".join(f"{k}={v}" for k, v in planned.params.items()) + f" seed={planned.seed}"
-            if proc.returncode == 0 and (Path(planned.cfg.out) / "summary.json").is_file():
-                entry["status"] = "done"
-                summary = json.loads((Path(planned.cfg.out) / "summary.json").read_text())
-                outcome = f"final acc {summary['final_test_accuracy']:.4f}"
-            else:
-                failed += 1
-                entry["status"] = "failed"
-                entry["error"] = _last_error(sweep_dir / "logs" / f"{planned.name}.log")
-                outcome = f"FAILED (exit {proc.returncode}): {entry['error']}"
-            _write_record(sweep_dir / "sweep.json", record)
-            elapsed = time.monotonic() - started
-            eta = elapsed / finished * (len(todo) - finished)
-            print(f"[{skipped + finished:>{len(str(len(runs)))}}/{len(runs)}] {label} · {outcome} · "
-                  f"{_duration(entry['seconds'])} · sweep elapsed {_duration(elapsed)} ETA {_duration(eta)}",
-                  flush=True)
-    print(f"sweep finished: {len(runs) - failed} of {len(runs)} runs done, {failed} failed; "
-          f"now: fedsam report {sweep_dir}")
+    with ForwardSignals(lambda: [proc for _, proc, _, _ in active]) as interrupt:
+        while (queue and not interrupt.stopping) or active:
+            while queue and len(active) < parallel and not interrupt.stopping:
+                planned = queue.pop(0)
+                out = Path(planned.cfg.out)
+                resume = states[planned.name] == "resume"
+                if out.exists() and not resume:
+                    shutil.rmtree(out)  # unfinished and nothing to continue from: start again
+                log = open(sweep_dir / "logs" / f"{planned.name}.log", "a" if resume else "w")
+                proc = start_run(planned.cfg, ray_cpus, log, resume)
+                active.append((planned, proc, time.monotonic(), log))
+                record["runs"][planned.name]["status"] = "running"
+                _write_record(sweep_dir / "sweep.json", record)
+            time.sleep(0.5)
+            for item in list(active):
+                planned, proc, t0, log = item
+                if proc.poll() is None:
+                    continue
+                active.remove(item)
+                log.close()
+                finished += 1
+                entry = record["runs"][planned.name]
+                entry["seconds"] = time.monotonic() - t0
+                entry["returncode"] = proc.returncode
+                label = " ".join(f"{k}={v}" for k, v in planned.params.items()) + f" seed={planned.seed}"
+                if proc.returncode == 0 and (Path(planned.cfg.out) / "summary.json").is_file():
+                    entry["status"] = "done"
+                    summary = json.loads((Path(planned.cfg.out) / "summary.json").read_text())
+                    outcome = f"final acc {summary['final_test_accuracy']:.4f}"
+                elif proc.returncode in STOPPED:
+                    stopped += 1
+                    entry["status"] = "stopped"
+                    entry["error"] = "stopped; running the sweep again continues it from its checkpoint"
+                    outcome = "stopped"
+                else:
+                    failed += 1
+                    entry["status"] = "failed"
+                    entry["error"] = _last_error(sweep_dir / "logs" / f"{planned.name}.log")
+                    outcome = f"FAILED (exit {proc.returncode}): {entry['error']}"
+                _write_record(sweep_dir / "sweep.json", record)
+                elapsed = time.monotonic() - started
+                eta = "" if interrupt.stopping else f" ETA {_duration(elapsed / finished * (len(todo) - finished))}"
+                print(f"[{skipped + finished:>{len(str(len(runs)))}}/{len(runs)}] {label} · {outcome} · "
+                      f"{_duration(entry['seconds'])} · sweep elapsed {_duration(elapsed)}{eta}", flush=True)
+    done = sum(entry["status"] == "done" for entry in record["runs"].values())
+    if interrupt.stopping or stopped:
+        print(f"sweep stopped: {done} of {len(runs)} runs done, {failed} failed; "
+              f"run the same command again to continue")
+        return 130 if interrupt.stopping else 1
+    print(f"sweep finished: {done} of {len(runs)} runs done, {failed} failed; now: fedsam report {sweep_dir}")
     return 1 if failed else 0

@@ -6,8 +6,11 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -156,6 +159,73 @@ def test_a_failed_run_is_recorded_and_does_not_stop_the_sweep(swept, cifar10_dir
     code, stdout, _ = run_cli(["report", out], capsys)
     assert code == 0
     assert "Failed or unfinished runs" in (out / "report.md").read_text() and broken.name in stdout
+
+
+# Stands in for ``fedsam run``: says it started and whether it leads its own session, then exits
+# like a run stopped by Ctrl-C after counting the SIGINTs it got within half a second.
+FAKE_RUN = """
+import os, pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
+got = []
+signal.signal(signal.SIGINT, lambda *_: got.append(1))
+(out / "started").write_text(str(os.getsid(0) == os.getpid()))
+(out / "pid").write_text(str(os.getpid()))
+deadline = time.time() + 60
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+time.sleep(0.5)
+(out / "interrupts").write_text(str(len(got)))
+sys.exit(130)
+"""
+
+
+def test_ctrl_c_stops_the_runs_under_way_once_and_starts_no_more(cifar10_dir, tmp_path, capsys, monkeypatch):
+    from simulations import sweep
+
+    monkeypatch.setattr(sweep, "command", lambda cfg, ray_cpus, resume=False: [sys.executable, "-c", FAKE_RUN, cfg.out])
+    out = tmp_path / "grid"
+    names = [f"strategy={s}__seed=0" for s in ("fedavg", "fedsam", "mofedsam")]
+
+    def press_ctrl_c_once_two_runs_started():
+        deadline = time.time() + 60
+        while time.time() < deadline and not all((out / n / "started").exists() for n in names[:2]):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c_once_two_runs_started, daemon=True).start()
+    code, stdout, stderr = run_cli(["sweep", "--out", out, "--data-dir", cifar10_dir, "--vary",
+                                    "strategy=fedavg,fedsam,mofedsam", "--parallel", "2", "--rounds", "2"], capsys)
+    assert code == 130, stdout + stderr
+    assert "finish their round and write a checkpoint" in stderr
+    assert "sweep stopped: 0 of 3 runs done, 0 failed; run the same command again" in stdout
+    for name in names[:2]:  # each got Ctrl-C exactly once, and a terminal's would not reach it
+        assert (out / name / "interrupts").read_text() == "1" and (out / name / "started").read_text() == "True"
+    assert not (out / names[2]).exists()
+    record = json.loads((out / "sweep.json").read_text())
+    assert [record["runs"][n]["status"] for n in names] == ["stopped", "stopped", "pending"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_ends_the_sweep_and_its_runs(cifar10_dir, tmp_path, capsys, monkeypatch):
+    from simulations import sweep
+
+    monkeypatch.setattr(sweep, "command", lambda cfg, ray_cpus, resume=False: [sys.executable, "-c", FAKE_RUN, cfg.out])
+    run = tmp_path / "grid" / "strategy=fedavg__seed=0"
+
+    def terminate_once_started():
+        deadline = time.time() + 60
+        while time.time() < deadline and not (run / "pid").exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_started, daemon=True).start()
+    code, _, _ = run_cli(["sweep", "--out", tmp_path / "grid", "--data-dir", cifar10_dir, "--vary", "strategy=fedavg",
+                          "--rounds", "2"], capsys)
+    assert code == 128 + signal.SIGTERM
+    pid = int((run / "pid").read_text())
+    assert os.waitpid(pid, 0)[1] == signal.SIGTERM  # killed by it, not left running in its own session
+    assert not (run / "interrupts").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_last_tenth_and_rounds_to_target():
