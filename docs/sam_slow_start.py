@@ -29,10 +29,10 @@ def loss_per_epoch(data_dir: str, rhos: list[float], epochs: int = 3, seed: int 
     torch.manual_seed(seed)
     initial = build_model("cnn", data.num_classes).state_dict()
     curves = {}
-    for name, options in [("sgd", {})] + [(f"sam rho={rho}", {"rho": rho}) for rho in rhos]:
+    for name, spec, options in [("sgd", "sgd", {})] + [(f"sam rho={rho}", "sam", {"rho": rho}) for rho in rhos]:
         model = build_model("cnn", data.num_classes)
         model.load_state_dict(initial)
-        optimizer = build(name.split()[0], model.parameters(), lr=lr, weight_decay=weight_decay, **options)
+        optimizer = build(spec, model.parameters(), lr=lr, weight_decay=weight_decay, **options)
         batches = DeviceBatches(data.train_images, data.train_labels, batch_size, mean=data.mean, std=data.std,
                                 augment=True, shuffle=True, seed=seed)
         curves[name] = [train_locally(model, optimizer, batches, 1).loss for _ in range(epochs)]

@@ -321,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
           + (f", {resumed} to continue from a checkpoint" if resumed else "") + f"), {parallel} at a time", flush=True)
     started = time.monotonic()
     active: list[tuple[PlannedRun, subprocess.Popen, float, Any]] = []
-    finished = failed = stopped = 0
+    finished = 0
     queue = list(todo)
     with ForwardSignals(lambda: [proc for _, proc, _, _ in active]) as interrupt:
         while (queue and not interrupt.stopping) or active:
@@ -353,12 +353,10 @@ def run(args: argparse.Namespace) -> int:
                     summary = json.loads((Path(planned.cfg.out) / "summary.json").read_text())
                     outcome = f"final acc {summary['final_test_accuracy']:.4f}"
                 elif proc.returncode in STOPPED:
-                    stopped += 1
                     entry["status"] = "stopped"
                     entry["error"] = "stopped; running the sweep again continues it from its checkpoint"
                     outcome = "stopped"
                 else:
-                    failed += 1
                     entry["status"] = "failed"
                     entry["error"] = _last_error(sweep_dir / "logs" / f"{planned.name}.log")
                     outcome = f"FAILED (exit {proc.returncode}): {entry['error']}"
@@ -367,8 +365,9 @@ def run(args: argparse.Namespace) -> int:
                 eta = "" if interrupt.stopping else f" ETA {_duration(elapsed / finished * (len(todo) - finished))}"
                 print(f"[{skipped + finished:>{len(str(len(runs)))}}/{len(runs)}] {label} · {outcome} · "
                       f"{_duration(entry['seconds'])} · sweep elapsed {_duration(elapsed)}{eta}", flush=True)
-    done = sum(entry["status"] == "done" for entry in record["runs"].values())
-    if interrupt.stopping or stopped:
+    statuses = [entry["status"] for entry in record["runs"].values()]
+    done, failed = statuses.count("done"), statuses.count("failed")
+    if interrupt.stopping or "stopped" in statuses:
         print(f"sweep stopped: {done} of {len(runs)} runs done, {failed} failed; "
               f"run the same command again to continue")
         return 130 if interrupt.stopping else 1

@@ -179,10 +179,15 @@ sys.exit(130)
 """
 
 
-def test_ctrl_c_stops_the_runs_under_way_once_and_starts_no_more(cifar10_dir, tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def fake_runs(monkeypatch):
+    """The sweep starts ``FAKE_RUN`` in place of ``fedsam run``."""
     from simulations import sweep
 
     monkeypatch.setattr(sweep, "command", lambda cfg, ray_cpus, resume=False: [sys.executable, "-c", FAKE_RUN, cfg.out])
+
+
+def test_ctrl_c_stops_the_runs_under_way_once_and_starts_no_more(cifar10_dir, tmp_path, capsys, fake_runs):
     out = tmp_path / "grid"
     names = [f"strategy={s}__seed=0" for s in ("fedavg", "fedsam", "mofedsam")]
 
@@ -206,10 +211,7 @@ def test_ctrl_c_stops_the_runs_under_way_once_and_starts_no_more(cifar10_dir, tm
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_sigterm_ends_the_sweep_and_its_runs(cifar10_dir, tmp_path, capsys, monkeypatch):
-    from simulations import sweep
-
-    monkeypatch.setattr(sweep, "command", lambda cfg, ray_cpus, resume=False: [sys.executable, "-c", FAKE_RUN, cfg.out])
+def test_sigterm_ends_the_sweep_and_its_runs(cifar10_dir, tmp_path, capsys, fake_runs):
     run = tmp_path / "grid" / "strategy=fedavg__seed=0"
 
     def terminate_once_started():
