@@ -317,8 +317,9 @@ def run(args: argparse.Namespace) -> int:
     todo = [r for r in runs if states[r.name] != "done"]
     skipped = len(runs) - len(todo)
     resumed = sum(state == "resume" for state in states.values())
-    print(f"fedsam sweep → {sweep_dir}: {len(runs)} runs ({skipped} already done"
-          + (f", {resumed} to continue from a checkpoint" if resumed else "") + f"), {parallel} at a time", flush=True)
+    counts = [(skipped, "already done"), (resumed, "to continue from a checkpoint"), (len(todo) - resumed, "to start")]
+    print(f"fedsam sweep → {sweep_dir}: {len(runs)} run{'s' * (len(runs) != 1)} ("
+          + ", ".join(f"{n} {what}" for n, what in counts if n) + f"), {parallel} at a time", flush=True)
     started = time.monotonic()
     active: list[tuple[PlannedRun, subprocess.Popen, float, Any]] = []
     finished = 0

@@ -64,7 +64,7 @@ def test_running_the_sweep_again_skips_finished_runs_and_picks_up_unfinished_one
     before = {p.name: (p / "metrics.jsonl").stat().st_mtime_ns for p in out.iterdir() if (p / "summary.json").exists()}
     proc = _sweep(cifar10_dir, out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "4 runs (2 already done, 1 to continue from a checkpoint)" in proc.stdout and "[4/4]" in proc.stdout
+    assert "4 runs (2 already done, 1 to continue from a checkpoint, 1 to start)" in proc.stdout and "[4/4]" in proc.stdout
     after = {p.name: (p / "metrics.jsonl").stat().st_mtime_ns for p in out.iterdir() if (p / "summary.json").exists()}
     assert all(after[name] == mtime for name, mtime in before.items())
     assert (interrupted / "summary.json").is_file() and (interrupted / "metrics.jsonl").read_text() == kept_metrics
@@ -86,7 +86,7 @@ def test_more_rounds_extend_finished_runs_exactly(cifar10_dir, tmp_path):
     two_rounds = (run / "metrics.jsonl").read_text().splitlines()
     more = _sweep(cifar10_dir, out, *grid, "--rounds", "3", grid_args=[])
     assert more.returncode == 0, more.stdout + more.stderr
-    assert "1 runs (0 already done, 1 to continue from a checkpoint)" in more.stdout
+    assert "1 run (1 to continue from a checkpoint)" in more.stdout
     extended = (run / "metrics.jsonl").read_text().splitlines()
     assert extended[:2] == two_rounds and len(extended) == 3
     assert json.loads((run / "summary.json").read_text())["rounds"] == 3
@@ -149,7 +149,7 @@ def test_a_failed_run_is_recorded_and_does_not_stop_the_sweep(swept, cifar10_dir
                              *GRID], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     first = proc.stdout.readline()
-    assert "4 runs (3 already done)" in first, first
+    assert "4 runs (3 already done, 1 to start)" in first, first
     (data / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"broken")
     rest = proc.stdout.read()
     assert proc.wait(timeout=600) == 1, rest
