@@ -349,7 +349,8 @@ def run(args: argparse.Namespace) -> int:
                 entry["seconds"] = time.monotonic() - t0
                 entry["returncode"] = proc.returncode
                 label = " ".join(f"{k}={v}" for k, v in planned.params.items()) + f" seed={planned.seed}"
-                if proc.returncode == 0 and (Path(planned.cfg.out) / "summary.json").is_file():
+                # a Ctrl-C that comes during a run's last round finds its results written: done
+                if (proc.returncode == 0 or proc.returncode in STOPPED) and state_of(planned)[0] == "done":
                     entry["status"] = "done"
                     summary = json.loads((Path(planned.cfg.out) / "summary.json").read_text())
                     outcome = f"final acc {summary['final_test_accuracy']:.4f}"

@@ -162,10 +162,13 @@ def test_a_failed_run_is_recorded_and_does_not_stop_the_sweep(swept, cifar10_dir
 
 
 # Stands in for ``fedsam run``: says it started and whether it leads its own session, then exits
-# like a run stopped by Ctrl-C after counting the SIGINTs it got within half a second.
+# like a run stopped by Ctrl-C after counting the SIGINTs it got within half a second. A run named
+# in FAKE_RUN_IN_LAST_ROUND was in its last round: it writes its results before it exits.
 FAKE_RUN = """
-import os, pathlib, signal, sys, time
+import json, os, pathlib, signal, sys, time
 out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
+config = json.loads(sys.argv[2])
+(out / "config.json").write_text(json.dumps(config))
 got = []
 signal.signal(signal.SIGINT, lambda *_: got.append(1))
 (out / "started").write_text(str(os.getsid(0) == os.getpid()))
@@ -175,6 +178,8 @@ while not got and time.time() < deadline:
     time.sleep(0.05)
 time.sleep(0.5)
 (out / "interrupts").write_text(str(len(got)))
+if out.name in os.environ.get("FAKE_RUN_IN_LAST_ROUND", "").split(","):
+    (out / "summary.json").write_text(json.dumps({"rounds": config["rounds"], "final_test_accuracy": 0.25}))
 sys.exit(130)
 """
 
@@ -184,12 +189,15 @@ def fake_runs(monkeypatch):
     """The sweep starts ``FAKE_RUN`` in place of ``fedsam run``."""
     from simulations import sweep
 
-    monkeypatch.setattr(sweep, "command", lambda cfg, ray_cpus, resume=False: [sys.executable, "-c", FAKE_RUN, cfg.out])
+    monkeypatch.setattr(sweep, "command", lambda cfg, ray_cpus, resume=False:
+                        [sys.executable, "-c", FAKE_RUN, cfg.out, json.dumps(cfg.to_dict())])
 
 
-def test_ctrl_c_stops_the_runs_under_way_once_and_starts_no_more(cifar10_dir, tmp_path, capsys, fake_runs):
+def test_ctrl_c_stops_the_runs_under_way_once_and_starts_no_more(cifar10_dir, tmp_path, capsys, fake_runs,
+                                                                 monkeypatch):
     out = tmp_path / "grid"
     names = [f"strategy={s}__seed=0" for s in ("fedavg", "fedsam", "mofedsam")]
+    monkeypatch.setenv("FAKE_RUN_IN_LAST_ROUND", names[1])
 
     def press_ctrl_c_once_two_runs_started():
         deadline = time.time() + 60
@@ -202,12 +210,13 @@ def test_ctrl_c_stops_the_runs_under_way_once_and_starts_no_more(cifar10_dir, tm
                                     "strategy=fedavg,fedsam,mofedsam", "--parallel", "2", "--rounds", "2"], capsys)
     assert code == 130, stdout + stderr
     assert "finish their round and write a checkpoint" in stderr
-    assert "sweep stopped: 0 of 3 runs done, 0 failed; run the same command again" in stdout
+    assert "sweep stopped: 1 of 3 runs done, 0 failed; run the same command again" in stdout
+    assert "strategy=fedsam seed=0 · final acc 0.2500" in stdout
     for name in names[:2]:  # each got Ctrl-C exactly once, and a terminal's would not reach it
         assert (out / name / "interrupts").read_text() == "1" and (out / name / "started").read_text() == "True"
     assert not (out / names[2]).exists()
     record = json.loads((out / "sweep.json").read_text())
-    assert [record["runs"][n]["status"] for n in names] == ["stopped", "stopped", "pending"]
+    assert [record["runs"][n]["status"] for n in names] == ["stopped", "done", "pending"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
