@@ -349,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
                 entry["seconds"] = time.monotonic() - t0
                 entry["returncode"] = proc.returncode
                 label = " ".join(f"{k}={v}" for k, v in planned.params.items()) + f" seed={planned.seed}"
-                # a Ctrl-C that comes during a run's last round finds its results written: done
+                # the folder decides: a Ctrl-C that comes as a run ends its last round finds it done
                 if (proc.returncode == 0 or proc.returncode in STOPPED) and state_of(planned)[0] == "done":
                     entry["status"] = "done"
                     summary = json.loads((Path(planned.cfg.out) / "summary.json").read_text())

@@ -163,7 +163,7 @@ def test_a_failed_run_is_recorded_and_does_not_stop_the_sweep(swept, cifar10_dir
 
 # Stands in for ``fedsam run``: says it started and whether it leads its own session, then exits
 # like a run stopped by Ctrl-C after counting the SIGINTs it got within half a second. A run named
-# in FAKE_RUN_IN_LAST_ROUND was in its last round: it writes its results before it exits.
+# in FAKE_RUN_FINISHING had ended its last round when the Ctrl-C came: its results are written.
 FAKE_RUN = """
 import json, os, pathlib, signal, sys, time
 out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
@@ -178,7 +178,7 @@ while not got and time.time() < deadline:
     time.sleep(0.05)
 time.sleep(0.5)
 (out / "interrupts").write_text(str(len(got)))
-if out.name in os.environ.get("FAKE_RUN_IN_LAST_ROUND", "").split(","):
+if out.name in os.environ.get("FAKE_RUN_FINISHING", "").split(","):
     (out / "summary.json").write_text(json.dumps({"rounds": config["rounds"], "final_test_accuracy": 0.25}))
 sys.exit(130)
 """
@@ -197,7 +197,7 @@ def test_ctrl_c_stops_the_runs_under_way_once_and_starts_no_more(cifar10_dir, tm
                                                                  monkeypatch):
     out = tmp_path / "grid"
     names = [f"strategy={s}__seed=0" for s in ("fedavg", "fedsam", "mofedsam")]
-    monkeypatch.setenv("FAKE_RUN_IN_LAST_ROUND", names[1])
+    monkeypatch.setenv("FAKE_RUN_FINISHING", names[1])
 
     def press_ctrl_c_once_two_runs_started():
         deadline = time.time() + 60
