@@ -198,6 +198,7 @@ def test_ctrl_c_stops_the_runs_under_way_once_and_starts_no_more(cifar10_dir, tm
     out = tmp_path / "grid"
     names = [f"strategy={s}__seed=0" for s in ("fedavg", "fedsam", "mofedsam")]
     monkeypatch.setenv("FAKE_RUN_FINISHING", names[1])
+    sigint_before = signal.getsignal(signal.SIGINT)  # SIG_IGN, not Python's, when started in the background
 
     def press_ctrl_c_once_two_runs_started():
         deadline = time.time() + 60
@@ -217,11 +218,12 @@ def test_ctrl_c_stops_the_runs_under_way_once_and_starts_no_more(cifar10_dir, tm
     assert not (out / names[2]).exists()
     record = json.loads((out / "sweep.json").read_text())
     assert [record["runs"][n]["status"] for n in names] == ["stopped", "done", "pending"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is sigint_before
 
 
 def test_sigterm_ends_the_sweep_and_its_runs(cifar10_dir, tmp_path, capsys, fake_runs):
     run = tmp_path / "grid" / "strategy=fedavg__seed=0"
+    sigterm_before = signal.getsignal(signal.SIGTERM)
 
     def terminate_once_started():
         deadline = time.time() + 60
@@ -236,7 +238,7 @@ def test_sigterm_ends_the_sweep_and_its_runs(cifar10_dir, tmp_path, capsys, fake
     pid = int((run / "pid").read_text())
     assert os.waitpid(pid, 0)[1] == signal.SIGTERM  # killed by it, not left running in its own session
     assert not (run / "interrupts").exists()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before
 
 
 def test_last_tenth_and_rounds_to_target():
