@@ -11,22 +11,12 @@ slope over the last 30 rounds, in points per 10 rounds:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-
-def accuracy_by_round(run: Path) -> np.ndarray:
-    """Test accuracy in %, index 0 = round 1; the last logged value wins for a resumed round."""
-    acc: dict[int, float] = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "test_accuracy" in record and "round" in record:
-            acc[record["round"]] = 100 * record["test_accuracy"]
-    return np.array([acc[r] for r in sorted(acc)])
+from simulations.report import _mean_std_text, _sort_value, collect, group, label, mean_std, varying_keys
 
 
 def plateau(seeds: list[np.ndarray], window: int) -> dict[str, np.ndarray | list[int]]:
@@ -42,10 +32,6 @@ def plateau(seeds: list[np.ndarray], window: int) -> dict[str, np.ndarray | list
     return {"edges": edges, "means": means, "step": means[:, -1] - means[:, -2], "slope": slope}
 
 
-def _spread(values: np.ndarray) -> str:
-    return f"{values.mean():+.2f} ± {values.std(ddof=1):.2f}" if len(values) > 1 else f"{values.mean():+.2f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep", type=Path)
@@ -54,22 +40,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.window < 1:
         print(f"error: --window must be >= 1, got {args.window}", file=sys.stderr)
         return 2
-    runs = sorted(p for p in args.sweep.iterdir() if (p / "summary.json").is_file()) \
-        if args.sweep.is_dir() else []
-    if not runs:
+    runs = collect(args.sweep)[0] if args.sweep.is_dir() else []
+    rows = [row for row in group(runs) if row.done]
+    if not rows:
         print(f"error: no finished runs under {args.sweep}", file=sys.stderr)
         return 2
-    curves: dict[str, list[np.ndarray]] = defaultdict(list)
-    for run in runs:
-        curves[run.name.rsplit("__seed=", 1)[0]].append(accuracy_by_round(run))
-    for name, seeds in curves.items():
+    keys = varying_keys(rows, args.sweep)
+    for row in sorted(rows, key=lambda row: [_sort_value(row.config.get(k)) for k in keys]):
+        seeds = [np.array([100 * m["test_accuracy"] for m in r.metrics if m.get("test_accuracy") is not None])
+                 for r in row.done]
+        name = label(row, keys)
         if min(len(c) for c in seeds) < 2 * args.window:
             print(f"{name}: fewer than two windows of {args.window} rounds")
             continue
         p = plateau(seeds, args.window)
         windows = "  ".join(f"{a + 1}-{b}: {m:.1f}" for a, b, m in zip(p["edges"], p["edges"][1:], p["means"].mean(0)))
+        spread = {k: _mean_std_text(mean_std(list(p[k])), "+.2f") for k in ("step", "slope")}
         print(f"{name} ({len(seeds)} seeds, {p['edges'][-1]} rounds)  {windows}  "
-              f"last step {_spread(p['step'])}  slope/10 rounds {_spread(p['slope'])}")
+              f"last step {spread['step']}  slope/10 rounds {spread['slope']}")
     return 0
 
 
