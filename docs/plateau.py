@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulations.report import _mean_std_text, _sort_value, collect, group, label, mean_std, varying_keys
+from simulations.report import collect, group, label, mean_std, mean_std_text, sorted_rows, varying_keys
 
 
 def plateau(seeds: list[np.ndarray], window: int) -> dict[str, np.ndarray | list[int]]:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no finished runs under {args.sweep}", file=sys.stderr)
         return 2
     keys = varying_keys(rows, args.sweep)
-    for row in sorted(rows, key=lambda row: [_sort_value(row.config.get(k)) for k in keys]):
+    for row in sorted_rows(rows, keys):
         seeds = [np.array([100 * m["test_accuracy"] for m in r.metrics if m.get("test_accuracy") is not None])
                  for r in row.done]
         name = label(row, keys)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         p = plateau(seeds, args.window)
         windows = "  ".join(f"{a + 1}-{b}: {m:.1f}" for a, b, m in zip(p["edges"], p["edges"][1:], p["means"].mean(0)))
-        spread = {k: _mean_std_text(mean_std(list(p[k])), "+.2f") for k in ("step", "slope")}
+        spread = {k: mean_std_text(mean_std(list(p[k])), "+.2f") for k in ("step", "slope")}
         print(f"{name} ({len(seeds)} seeds, {p['edges'][-1]} rounds)  {windows}  "
               f"last step {spread['step']}  slope/10 rounds {spread['slope']}")
     return 0

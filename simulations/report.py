@@ -122,8 +122,11 @@ def varying_keys(rows: list[Row], directory: Path) -> list[str]:
     return differing
 
 
-def _sort_value(value: Any) -> tuple:
-    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+def sorted_rows(rows: list[Row], keys: list[str]) -> list[Row]:
+    """Rows ordered by the varying keys, numbers numerically (α = 0.1 before 1 before 100)."""
+    def value(v: Any) -> tuple:
+        return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+    return sorted(rows, key=lambda row: [value(row.config.get(k)) for k in keys])
 
 
 def last_tenth_mean(metrics: list[dict[str, Any]], tenths_back: int = 0) -> float | None:
@@ -207,7 +210,7 @@ def versus(stats: dict[str, Any], base: dict[str, Any]) -> tuple[float | None, f
     return delta, se, verdict
 
 
-def _mean_std_text(pair: tuple[float | None, float | None], fmt: str, scale: float = 1.0) -> str:
+def mean_std_text(pair: tuple[float | None, float | None], fmt: str, scale: float = 1.0) -> str:
     """"mean ± std", or just the mean when there is one seed, or "—" when there is nothing."""
     m, s = pair
     spread = fmt.lstrip("+")  # a signed mean ("+1.20"), an unsigned spread ("± 0.40")
@@ -238,9 +241,9 @@ def build_table(rows: list[Row], keys: list[str], target: float) -> tuple[list[s
         to_target = "never" if st["reached"] == 0 else \
             f"{st['to_target'][0]:.0f}" + ("" if st["reached"] == st["n"] else f" ({st['reached']}/{st['n']} seeds)")
         lines.append([label(row, keys), st["seeds"],
-                      *(_mean_std_text(st[k], fmt, 100) for k, fmt in (("final", ".2f"), ("last10", ".2f"),
-                                                                      ("trend", "+.2f"), ("best", ".2f"))),
-                      to_target, _mean_std_text(st["wall"], ".0f"), _mean_std_text(st["sharpness"], ".2f"), compare])
+                      *(mean_std_text(st[k], fmt, 100) for k, fmt in (("final", ".2f"), ("last10", ".2f"),
+                                                                     ("trend", "+.2f"), ("best", ".2f"))),
+                      to_target, mean_std_text(st["wall"], ".0f"), mean_std_text(st["sharpness"], ".2f"), compare])
         records.append({
             "configuration": label(row, keys), **{k: row.config.get(k) for k in keys},
             "seeds_done": st["n"], "seeds_total": len(row.runs),
@@ -272,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--target must be an accuracy in (0, 1], got {args.target}")
     rows = group(runs)
     keys = varying_keys(rows, directory)
-    rows.sort(key=lambda row: [_sort_value(row.config.get(k)) for k in keys])
+    rows = sorted_rows(rows, keys)
     finals = [row_stats(row, 1.0)["final"][0] for row in rows]
     finals = [f for f in finals if f is not None]
     target = args.target if args.target is not None else (round(0.8 * max(finals), 3) if finals else 0.5)
