@@ -26,6 +26,7 @@ from flwr.clientapp import ClientApp
 from fedsam.data import DeviceBatches, PartitionSpec, load, make_partition
 from fedsam.models import build_model
 from fedsam.optim import BUILTIN, build, restart
+from fedsam.runtime import autocast_dtype, memory_format, resolve_device, round_seed
 from fedsam.train import train_locally
 
 app = ClientApp()
@@ -39,14 +40,6 @@ class DeviceData:
     num_classes: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA device is visible to this process")
-    return torch.device("cuda")
 
 
 @lru_cache(maxsize=2)
@@ -69,14 +62,6 @@ def cached_model(name: str, num_classes: int, norm: str, device: str) -> torch.n
     if device.startswith("cuda"):
         model = model.to(memory_format=torch.channels_last)  # what cuDNN's fastest convolutions want
     return model
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPUs by default: forward passes in bf16, weights, gradients and SAM's
-    perturbation (its norm included) in float32. ``fp32`` turns it off; CPUs default to float32."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 _optimizers: dict[tuple, tuple[torch.nn.Module, torch.optim.Optimizer]] = {}
@@ -124,11 +109,6 @@ def partition_of(context: Context, config: ConfigRecord) -> tuple[int, str]:
     return pid, str(context.node_config.get("data-dir", config["data-dir"]))
 
 
-def round_seed(seed: int, server_round: int, partition_id: int) -> int:
-    """Independent, reproducible randomness per (run seed, round, client), whatever process runs it."""
-    return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
-
-
 def optimizer_options(config: ConfigRecord, partition_id: int) -> dict:
     """What ``fedsam.optim.build`` passes on to a factory that names it in its signature."""
     return {
@@ -172,9 +152,8 @@ def train(msg: Message, context: Context) -> Message:
     seed = round_seed(int(config["seed"]), int(config["server-round"]), pid)
     torch.manual_seed(seed)
 
-    channels_last = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     batches = DeviceBatches(data.images[idx], data.labels[idx], int(config["batch-size"]), mean=data.mean,
-                            std=data.std, augment=True, shuffle=True, seed=seed, memory_format=channels_last)
+                            std=data.std, augment=True, shuffle=True, seed=seed, memory_format=memory_format(device))
     model = cached_model(str(config["model"]), data.num_classes, str(config.get("norm", "group")), str(device))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     optimizer = local_optimizer(model, str(config["optimizer"]), optimizer_options(config, pid))

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsam.client_app import autocast_dtype, resolve_device
+from fedsam.runtime import autocast_dtype, resolve_device
 from fedsam.data import DeviceBatches, load
 from fedsam.models import build_model
 from fedsam.optim import build
@@ -173,7 +173,8 @@ def throughput(device: torch.device, quick: bool, repeats: int, data_dir: str | 
 def plain_loop(cfg, data, rounds: int) -> list[float]:
     """The same client work as ``fedsam run``, without Flower or Ray: per round, each sampled
     client trains on its partition with the same seeds, then an example-weighted average."""
-    from fedsam.client_app import client_indices, device_data, local_optimizer, optimizer_options, round_seed
+    from fedsam.client_app import client_indices, device_data, local_optimizer, optimizer_options
+    from fedsam.runtime import round_seed
     from fedsam.train import evaluate
     from strategies import ClientSampler
 

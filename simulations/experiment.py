@@ -15,7 +15,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from fedsam.client_app import autocast_dtype, optimizer_options, resolve_device
+from fedsam.client_app import optimizer_options
+from fedsam.runtime import autocast_dtype, resolve_device
 from fedsam.data import DataError, DeviceBatches, ImageDataset, Partition, PartitionError, load, make_partition
 from fedsam.data import summarize, write_partition_json
 from fedsam.models import build_model

@@ -80,7 +80,7 @@ def gpus_per_client(cfg: ExperimentConfig) -> float:
     """``-1`` means: none on a CPU-only run, else a quarter of a GPU (four clients share one)."""
     if cfg.num_gpus_per_client >= 0:
         return cfg.num_gpus_per_client
-    from fedsam.client_app import resolve_device
+    from fedsam.runtime import resolve_device
 
     return 0.0 if resolve_device(cfg.device).type == "cpu" else 0.25
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fedsam.client_app import resolve_device
+from fedsam.runtime import resolve_device
 from fedsam.data import DATASETS, DataError, load
 from fedsam.models import MODELS, build_model
 from fedsam.sharpness import evaluation_subset, model_sharpness

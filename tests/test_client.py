@@ -7,7 +7,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedsam.client_app import app, round_seed
+from fedsam.client_app import app
+from fedsam.runtime import round_seed
 from fedsam.data import PartitionSpec, load, make_partition
 from fedsam.models import build_model
 from simulations.config import ExperimentConfig

@@ -61,11 +61,9 @@ class DeviceBatches:
         self.scale = (1.0 / (255.0 * std_t)).to(dtype)  # x/255 − mean) / std = x·scale − shift
         self.shift = (mean_t / std_t).to(dtype)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        height, width = images.shape[2:]
         if augment:
             self.padded = F.pad(images, (PAD, PAD, PAD, PAD))
-            self.rows = torch.arange(height, device=self.device)
-            self.cols = torch.arange(width, device=self.device)
+            self.grid = pixel_grid(images)
         n = len(images)
         starts = list(range(0, n, batch_size)) + [n]
         if len(starts) > 2 and starts[-1] - starts[-2] == 1:
@@ -76,28 +74,48 @@ class DeviceBatches:
         """Minibatches per epoch."""
         return len(self.bounds)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch_plan(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """One epoch's random draws: the visiting order, and each position's crop offset and flip.
+
+        ``fedsam.cohort`` draws a client's epoch through this too, so a client batched with others
+        sees exactly the batches it would see alone."""
         n = len(self.images)
         g = self.generator
         if self.shuffle:
             order = torch.randperm(n, generator=g, device=self.device)
         else:
             order = torch.arange(n, device=self.device)
-        if self.augment:
-            offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g, device=self.device)
-            flips = torch.randint(0, 2, (n,), generator=g, device=self.device).bool()
+        if not self.augment:
+            return order, None, None
+        offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g, device=self.device)
+        flips = torch.randint(0, 2, (n,), generator=g, device=self.device).bool()
+        return order, offsets, flips
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, offsets, flips = self.epoch_plan()
         for start, stop in self.bounds:
             idx = order[start:stop]
             if self.augment:
-                x = self._crop_and_flip(idx, offsets[start:stop], flips[start:stop])
+                x = crop_and_flip(self.padded, self.grid, idx, offsets[start:stop], flips[start:stop])
             else:
                 x = self.images[idx]
             x = x.to(self.dtype).mul_(self.scale).sub_(self.shift)
             yield x.contiguous(memory_format=self.memory_format), self.labels[idx]
 
-    def _crop_and_flip(self, idx: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        """One gather: row ``dy + r`` and column ``dx + c`` (or ``dx + W−1−c`` when flipped)."""
-        rows = offsets[:, :1] + self.rows  # B×H
-        cols = torch.where(flips[:, None], self.cols.flip(0), self.cols) + offsets[:, 1:]  # B×W
-        patches = self.padded[idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # B×H×W×C
-        return patches.permute(0, 3, 1, 2)
+
+
+def pixel_grid(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column numbers of an image, made once per tensor of images, not per batch."""
+    height, width = images.shape[-2:]
+    return torch.arange(height, device=images.device), torch.arange(width, device=images.device)
+
+
+def crop_and_flip(padded: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor,
+                  offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """One gather from zero-padded images: row ``dy + r`` and column ``dx + c`` (``dx + W−1−c`` when
+    flipped) of image ``idx``. ``idx`` may have any shape; the result is ``idx.shape × C×H×W``."""
+    rows_base, cols_base = grid
+    rows = offsets[..., :1] + rows_base  # …×H
+    cols = torch.where(flips[..., None], cols_base.flip(0), cols_base) + offsets[..., 1:]  # …×W
+    patches = padded[idx[..., None, None], :, rows[..., :, None], cols[..., None, :]]  # …×H×W×C
+    return patches.movedim(-1, -3)

@@ -1,0 +1,287 @@
+"""Many clients as one batched model: a cohort trains in lockstep, one kernel launch for all.
+
+On a GPU a client step of a small model is a few hundred tiny kernels, so clients trained one
+after another are bound by launches, not arithmetic. Here the cohort's weights are stacked along a
+leading client dimension and every step runs once for all of them (``torch.func``: ``vmap`` over
+``grad`` of a ``functional_call``). Each client stays itself:
+
+- its own minibatches, drawn through its own ``DeviceBatches`` generator, so the crops, flips and
+  order are those it would see alone;
+- its own reductions: SAM's and ASAM's ‖·‖₂, FGSM SAM's ‖·‖₁, the clipping norm;
+- its own step count: a client whose data has run out this epoch is masked, so its weights,
+  momentum and weight decay stand still until its next epoch starts (never padded into an update).
+
+A short batch is padded with zero-weight samples; the loss is the mean over real samples, so the
+padding changes nothing (no BatchNorm here: per-sample normalisation only, see ``batchable``).
+
+Only the built-in rules batch (SGD, SAM, ASAM, FGSM SAM over SGD, with MoFedSAM's mix and
+clipping): a plug-in optimizer is an object with its own ``step``, which cannot be vectorised from
+outside, so it trains one client at a time (``fedsam.train.train_locally``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from fedsam.data.batches import DeviceBatches, crop_and_flip
+from fedsam.optim import BUILTIN, batchnorm_layers
+from fedsam.optim.fgsm import l2_equivalent_rho
+from fedsam.train import LocalResult
+
+Tensors = dict[str, torch.Tensor]
+
+#: The client rule each built-in optimizer name stands for.
+PERTURBATION = {"sgd": "none", "sam": "sam", "asam": "asam", "fgsm-sam": "fgsm"}
+
+
+@dataclass(frozen=True)
+class ClientRule:
+    """One local step of a built-in optimizer, as numbers: what ``build(spec, ...)`` would do."""
+
+    perturbation: str  # none | sam | asam | fgsm
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    rho: float | None = None  # None for fgsm: the L2-equivalent radius of the model
+    eta: float = 0.0
+    steps: int = 1
+    ascent_momentum: float = 0.0
+
+    @classmethod
+    def of(cls, spec: str, options: dict) -> ClientRule:
+        """The rule of a built-in spec with these options; the factory's own defaults fill the gaps."""
+        factory = BUILTIN[spec]
+        accepted = inspect.signature(factory).parameters
+        values = {name: p.default for name, p in accepted.items() if p.default is not inspect.Parameter.empty}
+        values.update({k: v for k, v in options.items() if k in accepted and v is not None})
+        values.pop("nesterov", None)
+        return cls(PERTURBATION[spec], **values)
+
+
+def batchable(spec: str, model: nn.Module) -> str | None:
+    """Why this client rule cannot run batched, or ``None`` when it can."""
+    if spec not in BUILTIN:
+        return f"optimizer {spec!r} is a plug-in with its own step"
+    if batchnorm_layers(model):
+        return "BatchNorm's batch statistics would mix padded samples into real ones"
+    return None
+
+
+class CohortBatches:
+    """The minibatches of several clients, step by step, gathered for all of them at once.
+
+    Each epoch every client draws its order, crops and flips from its own ``DeviceBatches``; a
+    per-client slot table (made once) places them into ``steps × clients × width`` index
+    tensors. A step is then one gather over the stacked images of all clients.
+    """
+
+    def __init__(self, clients: list[DeviceBatches]) -> None:
+        first = clients[0]
+        for c in clients:
+            if (c.device, c.augment, c.dtype, c.images.shape[1:]) != (first.device, first.augment, first.dtype,
+                                                                        first.images.shape[1:]):
+                raise ValueError("a cohort's clients must share device, augmentation, dtype and image shape")
+            if not (torch.equal(c.scale, first.scale) and torch.equal(c.shift, first.shift)):
+                raise ValueError("a cohort's clients must share the normalisation")
+        self.clients = clients
+        self.device = first.device
+        self.steps = max(len(c) for c in clients)  # per epoch
+        self.width = max(stop - start for c in clients for start, stop in c.bounds)
+        self.scale, self.shift, self.dtype = first.scale, first.shift, first.dtype
+        num = len(clients)
+        sizes = [len(c.images) for c in clients]
+        self.base = torch.tensor([0] + sizes, device=self.device).cumsum(0)[:-1]
+        pad = sum(sizes)  # one all-zero image for the padding slots
+        source = [c.padded if c.augment else c.images for c in clients]
+        self.images = torch.cat(source + [torch.zeros_like(source[0][:1])])
+        self.labels = torch.cat([c.labels for c in clients] + [torch.zeros_like(first.labels[:1])])
+        self.grid = first.grid if first.augment else None
+        slot = []  # where each position of each client's epoch order lands
+        for ci, c in enumerate(clients):
+            for k, (start, stop) in enumerate(c.bounds):
+                slot.append(torch.arange(stop - start) + (k * num + ci) * self.width)
+        self.slot = torch.cat(slot).to(self.device)
+        total = self.steps * num * self.width
+        self.sample = torch.full((total,), pad, device=self.device)
+        weight = torch.zeros(total, device=self.device)
+        weight[self.slot] = 1.0
+        self.weight = weight.view(self.steps, num, self.width)
+        self.active = torch.tensor([[k < len(c) for c in clients] for k in range(self.steps)], device=self.device)
+        self.counts = self.weight.sum(2)  # real samples per (step, client)
+
+    def epoch(self):
+        """``(x, y, w)`` per step: ``clients × width`` images, labels and sample weights."""
+        plans = [c.epoch_plan() for c in self.clients]
+        sample = self.sample.clone()
+        sample[self.slot] = torch.cat([order + base for (order, _, _), base in zip(plans, self.base)])
+        sample = sample.view(self.steps, len(self.clients), self.width)
+        if self.clients[0].augment:
+            offsets = torch.zeros(sample.numel(), 2, dtype=torch.int64, device=self.device)
+            flips = torch.zeros(sample.numel(), dtype=torch.bool, device=self.device)
+            offsets[self.slot] = torch.cat([o for _, o, _ in plans])
+            flips[self.slot] = torch.cat([f for _, _, f in plans])
+            offsets = offsets.view(*sample.shape, 2)
+            flips = flips.view(sample.shape)
+        for k in range(self.steps):
+            idx = sample[k]
+            if self.grid is not None:
+                x = crop_and_flip(self.images, self.grid, idx, offsets[k], flips[k])
+            else:
+                x = self.images[idx]
+            x = x.to(self.dtype).mul_(self.scale).sub_(self.shift)
+            yield x, self.labels[idx], self.weight[k]
+
+
+def _per_client(values: Tensors, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Sum over tensors of ``fn(tensor)`` reduced over all but the client dimension."""
+    return torch.stack([fn(v).flatten(1).sum(1) for v in values.values()]).sum(0)
+
+
+def _scaled(values: Tensors, factor: torch.Tensor) -> Tensors:
+    """Multiply each client's slice by its own factor (a ``clients`` vector)."""
+    return {k: v * factor.view(-1, *[1] * (v.ndim - 1)) for k, v in values.items()}
+
+
+def _combine(a: Tensors, b: Tensors, alpha: float = 1.0) -> Tensors:
+    return {k: a[k] + alpha * b[k] for k in a}
+
+
+def train_cohort(
+    model: nn.Module,
+    spec: str,
+    options: dict,
+    clients: list[DeviceBatches],
+    epochs: int,
+    *,
+    grad_clip: float = 0.0,
+    global_momentum: Tensors | None = None,
+    momentum_alpha: float = 1.0,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[tuple[Tensors, LocalResult]]:
+    """Train every client in ``clients`` from ``model``'s weights, as ``train_locally`` would one by one.
+
+    Returns, per client, its trained ``state_dict`` (parameters and buffers) and its
+    ``LocalResult``; ``seconds`` is the whole cohort's time. ``model`` itself is not changed.
+    """
+    start = time.perf_counter()
+    reason = batchable(spec, model)
+    if reason is not None:
+        raise ValueError(f"this cohort cannot be batched: {reason}")
+    rule = ClientRule.of(spec, options)
+    num = len(clients)
+    data = CohortBatches(clients)
+    device = data.device
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    weights_nd = {n: p.ndim > 1 for n, p in model.named_parameters()}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = dict(model.named_buffers())
+    params = {n: p.detach().unsqueeze(0).repeat(num, *[1] * p.ndim) for n, p in model.named_parameters()
+              if n in names}
+    velocity = {n: torch.zeros_like(v) for n, v in params.items()} if rule.momentum != 0 else None
+    rho = rule.rho
+    if rule.perturbation == "fgsm" and rho is None:
+        rho = l2_equivalent_rho(sum(model.get_parameter(n).numel() for n in names))
+    mix = None
+    if global_momentum is not None:
+        mix = {n: global_momentum[n].to(device) for n in names}
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+
+    was_training = model.training
+    model.train()
+
+    def loss_of(p: Tensors, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
+        with autocast:  # as in train_locally: the loss too, which autocast computes in float32
+            logits = functional_call(model, ({**p, **frozen}, buffers), (x,))
+            losses = F.cross_entropy(logits, y, reduction="none")
+        loss = (losses * w).sum() / w.sum().clamp_min(1.0)
+        correct = ((logits.argmax(dim=1) == y).to(w.dtype) * w).sum()
+        return loss, correct
+
+    gradient = vmap(grad_and_value(loss_of, has_aux=True))
+
+    loss_sum = torch.zeros(num, device=device, dtype=torch.float64)
+    correct_sum = torch.zeros(num, device=device, dtype=torch.float64)
+    for _ in range(epochs):
+        for k, (x, y, w) in enumerate(data.epoch()):
+            active = data.active[k]
+            g, (loss, correct) = gradient(params, x, y, w)
+            loss_sum += loss.detach().double() * data.counts[k].double()
+            correct_sum += correct.double()
+            g = _descent_gradient(rule, rho, gradient, params, g, x, y, w, weights_nd)
+            if mix is not None:
+                g = {n: momentum_alpha * g[n] + (1.0 - momentum_alpha) * mix[n] for n in names}
+            if grad_clip > 0:
+                norm = torch.stack([v.flatten(1).norm(dim=1) for v in g.values()]).norm(dim=0)
+                g = _scaled(g, (grad_clip / (norm + 1e-6)).clamp(max=1.0))
+            params, velocity = _sgd(rule, params, velocity, g, active)
+    if not was_training:
+        model.eval()
+
+    steps = [epochs * len(c) for c in clients]
+    seen = [epochs * len(c.images) for c in clients]
+    loss_mean = (loss_sum / torch.tensor(seen, device=device)).tolist()
+    accuracy = (correct_sum / torch.tensor(seen, device=device)).tolist()
+    seconds = time.perf_counter() - start
+    results = []
+    for c, client in enumerate(clients):
+        state = {n: params[n][c] if n in params else t.detach() for n, t in model.state_dict().items()}
+        results.append((state, LocalResult(len(client.images), steps[c], loss_mean[c], accuracy[c], seconds)))
+    return results
+
+
+def _descent_gradient(rule: ClientRule, rho: float | None, gradient, params: Tensors, g: Tensors,
+                      x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, weights_nd: dict[str, bool]) -> Tensors:
+    """The gradient the descent step uses: ``g`` itself, or the gradient at each client's ``w + ε``."""
+    if rule.perturbation == "none":
+        return g
+    if rule.perturbation in ("sam", "asam"):
+        eps = dict(g)
+        scale = {}
+        if rule.perturbation == "asam":
+            scale = {n: params[n].abs() + rule.eta for n in g if weights_nd[n]}
+            eps.update({n: eps[n] * s for n, s in scale.items()})  # T g
+        norm = _per_client(eps, torch.square).sqrt()
+        eps.update({n: eps[n] * s for n, s in scale.items()})  # T² g
+        eps = _scaled(eps, rho / (norm + 1e-12))
+        return gradient(_combine(params, eps), x, y, w)[0]
+    # fgsm: k sign-gradient ascent steps inside the L∞ ball, per client
+    eps = {n: torch.zeros_like(v) for n, v in g.items()}
+    ascent = {n: torch.zeros_like(v) for n, v in g.items()} if rule.ascent_momentum > 0 else None
+    h = g
+    for j in range(rule.steps):
+        if j > 0:
+            h = gradient(_combine(params, eps), x, y, w)[0]
+        if ascent is not None:
+            l1 = _per_client(h, torch.abs)
+            ascent = _combine(_scaled(ascent, torch.full_like(l1, rule.ascent_momentum)),
+                              _scaled(h, 1.0 / (l1 + 1e-12)))
+            direction = {n: torch.sign(v) for n, v in ascent.items()}
+        else:
+            direction = {n: torch.sign(v) for n, v in h.items()}
+        eps = {n: (eps[n] + (rho / rule.steps) * direction[n]).clamp(-rho, rho) for n in eps}
+    return gradient(_combine(params, eps), x, y, w)[0]
+
+
+def _sgd(rule: ClientRule, params: Tensors, velocity: Tensors | None, g: Tensors,
+         active: torch.Tensor) -> tuple[Tensors, Tensors | None]:
+    """``torch.optim.SGD``'s step (weight decay, then momentum from a zero buffer), for active clients only."""
+    new_params, new_velocity = {}, {} if velocity is not None else None
+    for n, p in params.items():
+        mask = active.view(-1, *[1] * (p.ndim - 1))
+        d = g[n] + rule.weight_decay * p if rule.weight_decay != 0 else g[n]
+        if velocity is not None:
+            v = torch.where(mask, rule.momentum * velocity[n] + d, velocity[n])
+            new_velocity[n] = v
+            d = v
+        new_params[n] = torch.where(mask, p - rule.lr * d, p)
+    return new_params, new_velocity

@@ -1,0 +1,159 @@
+"""Batched cohorts against one client at a time: the client work of a round, timed in process.
+
+Two settings, each run both ways on the same data, seeds and steps:
+
+- the FL-Simulator MoFedSAM round: ResNet-18 (ImageNet stem, GroupNorm(2)), 10 clients x 5 epochs
+  x 500 images, batch 50, SAM ρ = 0.1, MoFedSAM's mix (α = 0.1), clipping at 10, weight decay 1e-3;
+- a cohort-size sweep: 1, 10 and 100 clients of the CNN (batch 32, one epoch of 50 images each),
+  and 1 and 10 clients of ResNet-18-GN (one epoch of 500 images at batch 50).
+
+Only the clients' training is timed (from the global weights to each client's trained weights),
+not Flower, Ray or evaluation. Runs without Flower installed:
+``python -m simulations.cohort_bench --out cohort.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedsam.cohort import train_cohort
+from fedsam.data import DeviceBatches
+from fedsam.data.cifar import LAYOUTS
+from fedsam.models import build_model
+from fedsam.optim import build
+from fedsam.runtime import autocast_dtype, memory_format, resolve_device
+from fedsam.train import train_locally
+
+CIFAR10 = LAYOUTS["cifar10"]
+
+
+def synthetic_clients(num: int, size: int, batch: int, device: torch.device, seed: int = 0) -> list[DeviceBatches]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (num * size, 3, 32, 32), generator=g, dtype=torch.uint8).to(device)
+    labels = torch.randint(0, 10, (num * size,), generator=g).to(device)
+    return [DeviceBatches(images[i * size:(i + 1) * size], labels[i * size:(i + 1) * size], batch,
+                          mean=CIFAR10.mean, std=CIFAR10.std, augment=True, shuffle=True, seed=seed + i,
+                          memory_format=memory_format(device))
+            for i in range(num)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` runs after one warm-up."""
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def round_both_ways(model_name: str, num: int, size: int, epochs: int, batch: int, spec: str, options: dict,
+                    device: torch.device, repeats: int, *, grad_clip: float = 0.0, alpha: float | None = None,
+                    precision: str = "auto") -> dict[str, Any]:
+    """One round's client work, one client at a time and as one batched cohort."""
+    torch.manual_seed(0)
+    model = build_model(model_name, 10).to(device).to(memory_format=memory_format(device))
+    autocast = autocast_dtype(precision, device)
+    momentum = None
+    if alpha is not None:
+        momentum = {n: 0.01 * torch.randn_like(p) for n, p in model.named_parameters()}
+    mix = dict(grad_clip=grad_clip, global_momentum=momentum, momentum_alpha=alpha if alpha is not None else 1.0,
+               autocast_dtype=autocast)
+    worker = copy.deepcopy(model)
+    start_state = copy.deepcopy(model.state_dict())
+
+    def one_by_one() -> None:
+        for i, batches in enumerate(synthetic_clients(num, size, batch, device)):
+            worker.load_state_dict(start_state)
+            optimizer = build(spec, worker.parameters(), **options)
+            train_locally(worker, optimizer, batches, epochs, **mix)
+
+    def batched() -> None:
+        train_cohort(model, spec, options, synthetic_clients(num, size, batch, device), epochs, **mix)
+
+    row: dict[str, Any] = {"model": model_name, "clients": num, "images_per_client": size, "epochs": epochs,
+                           "batch": batch, "optimizer": spec, "steps_per_client": epochs * -(-size // batch)}
+    for name, fn in (("one_by_one", one_by_one), ("batched", batched)):
+        try:
+            times = timed(fn, device, repeats)
+            row[f"{name}_seconds"] = statistics.median(times)
+            row[f"{name}_runs"] = times
+        except Exception as exc:  # noqa: BLE001 - a failed variant is recorded, the others still run
+            row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+    if "one_by_one_seconds" in row and "batched_seconds" in row:
+        row["speedup"] = row["one_by_one_seconds"] / row["batched_seconds"]
+    if device.type == "cuda":
+        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    return row
+
+
+def fl_simulator_round(device: torch.device, repeats: int) -> dict[str, Any]:
+    return round_both_ways("resnet18-fls", 10, 500, 5, 50, "sam",
+                           {"lr": 0.1, "rho": 0.1, "weight_decay": 1e-3}, device, repeats, grad_clip=10.0, alpha=0.1)
+
+
+def cohort_sweep(device: torch.device, repeats: int, quick: bool = False) -> list[dict[str, Any]]:
+    settings = [("cnn", n, 50, 32) for n in ((1, 10) if quick else (1, 10, 100))]
+    if not quick:
+        settings += [("resnet18", n, 500, 50) for n in (1, 10)]
+    return [round_both_ways(model, n, size, 1, batch, "sam", {"lr": 0.05, "rho": 0.1}, device, repeats)
+            for model, n, size, batch in settings]
+
+
+def describe(row: dict[str, Any]) -> str:
+    cells = [f"{row['model']:>12} x{row['clients']:<3}"]
+    for name in ("one_by_one", "batched"):
+        cells.append(f"{name} {row[name + '_seconds']:.3f} s" if name + "_seconds" in row
+                     else f"{name} failed ({row.get(name + '_error', '?')[:80]})")
+    if "speedup" in row:
+        cells.append(f"→ {row['speedup']:.2f}x")
+    return "  ".join(cells)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.cohort_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="CNN cohorts of 1 and 10 only")
+    parser.add_argument("--out", default="cohort-bench.json")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    report: dict[str, Any] = {"device": device.type, "torch": torch.__version__}
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(device)
+    print(f"cohort bench on {report.get('gpu', 'CPU')}, torch {torch.__version__}", flush=True)
+    report["cohort_sweep"] = []
+    for row in cohort_sweep(device, args.repeats, args.quick):
+        report["cohort_sweep"].append(row)
+        print(describe(row), flush=True)
+    if not args.quick:
+        report["fl_simulator_round"] = fl_simulator_round(device, args.repeats)
+        print("FL-Simulator MoFedSAM round:", describe(report["fl_simulator_round"]), flush=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""Batched cohorts: many clients trained as one stacked model equal the clients trained one by one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fedsam.cohort import ClientRule, CohortBatches, batchable, train_cohort
+from fedsam.data import DeviceBatches
+from fedsam.models import CaldarolaCNN
+from fedsam.optim import build
+from fedsam.train import train_locally
+
+MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+SIZES = (23, 40, 9)  # unequal: 3, 5 and 1 steps at batch 8 (a short last batch; a 9th sample folded in)
+
+
+class Small(nn.Module):
+    """Conv, GroupNorm, pooling and two linear layers: every kind of layer the batched path maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, stride=2), nn.GroupNorm(2, 6), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 7 * 7, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _client_data(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.randint(0, 4, (n,), generator=g)
+
+
+def _batches(i: int, n: int, batch: int = 8) -> DeviceBatches:
+    images, labels = _client_data(100 + i, n)
+    return DeviceBatches(images, labels, batch, mean=MEAN, std=STD, augment=True, shuffle=True, seed=7 + i,
+                         dtype=torch.float64)
+
+
+RULES = [
+    ("sgd", {"lr": 0.05}),
+    ("sgd", {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}),
+    ("sam", {"lr": 0.05, "rho": 0.1, "weight_decay": 5e-4}),
+    ("sam", {"lr": 0.05, "rho": 0.1, "momentum": 0.5}),
+    ("asam", {"lr": 0.05, "rho": 0.5, "eta": 0.01, "weight_decay": 1e-3}),
+    ("fgsm-sam", {"lr": 0.05, "rho": 1e-3, "steps": 2}),
+    ("fgsm-sam", {"lr": 0.05, "rho": 1e-3, "steps": 3, "ascent_momentum": 0.9}),
+]
+
+
+def _one_by_one(model, spec, options, epochs, **kwargs):
+    out = []
+    for i, n in enumerate(SIZES):
+        local = copy.deepcopy(model)
+        optimizer = build(spec, local.parameters(), **options)
+        result = train_locally(local, optimizer, _batches(i, n), epochs, num_examples=n, **kwargs)
+        out.append((local.state_dict(), result))
+    return out
+
+
+def _assert_same(batched, sequential, rtol=1e-9):
+    assert len(batched) == len(sequential)
+    for (state_b, res_b), (state_s, res_s) in zip(batched, sequential):
+        assert (res_b.num_examples, res_b.num_steps) == (res_s.num_examples, res_s.num_steps)
+        assert res_b.loss == pytest.approx(res_s.loss, rel=1e-6)
+        assert res_b.accuracy == pytest.approx(res_s.accuracy)
+        for name, tensor in state_s.items():
+            scale = tensor.abs().max().clamp_min(1e-30)
+            assert ((state_b[name] - tensor).abs().max() / scale).item() < rtol, name
+
+
+@pytest.mark.parametrize(("spec", "options"), RULES, ids=[f"{s}-{i}" for i, (s, _) in enumerate(RULES)])
+def test_batched_equals_one_client_at_a_time_in_float64(spec, options):
+    torch.manual_seed(0)
+    model = Small().double()
+    batched = train_cohort(model, spec, options, [_batches(i, n) for i, n in enumerate(SIZES)], 2)
+    _assert_same(batched, _one_by_one(model, spec, options, 2))
+
+
+@pytest.mark.parametrize("spec", ["sgd", "sam"])
+def test_batched_mofedsam_mix_and_clipping_equal_one_by_one(spec):
+    torch.manual_seed(1)
+    model = Small().double()
+    momentum = {n: 0.3 * torch.randn_like(p) for n, p in model.named_parameters()}
+    options = {"lr": 0.05, "rho": 0.1, "weight_decay": 1e-3}
+    kwargs = dict(grad_clip=0.5, global_momentum=momentum, momentum_alpha=0.1)
+    batched = train_cohort(model, spec, options, [_batches(i, n) for i, n in enumerate(SIZES)], 2, **kwargs)
+    _assert_same(batched, _one_by_one(model, spec, options, 2, **kwargs))
+
+
+def test_the_caldarola_cnn_batches_exactly_too():
+    torch.manual_seed(2)
+    model = CaldarolaCNN(4).double()
+    options = {"lr": 0.05, "rho": 0.1}
+    batched = train_cohort(model, "sam", options, [_batches(i, n) for i, n in enumerate(SIZES)], 1)
+    _assert_same(batched, _one_by_one(model, "sam", options, 1))
+
+
+def test_a_client_whose_data_ran_out_stands_still():
+    """With unequal sizes the short client's weight decay stops with its data: training it alone
+    for its own steps gives the same weights, although the cohort ran more steps."""
+    torch.manual_seed(3)
+    model = Small().double()
+    options = {"lr": 0.1, "weight_decay": 0.5, "momentum": 0.9}
+    clients = [_batches(0, 40), _batches(1, 12)]  # 5 steps against 2
+    (_, long_result), (short_state, short_result) = train_cohort(model, "sgd", options, clients, 1)
+    assert (long_result.num_steps, short_result.num_steps) == (5, 2)
+    alone = copy.deepcopy(model)
+    train_locally(alone, build("sgd", alone.parameters(), **options), _batches(1, 12), 1)
+    for name, tensor in alone.state_dict().items():
+        torch.testing.assert_close(short_state[name], tensor, rtol=1e-12, atol=0)
+
+
+def test_the_cohort_leaves_the_model_as_it_was():
+    model = Small().double()
+    before = copy.deepcopy(model.state_dict())
+    train_cohort(model, "sam", {"lr": 0.1}, [_batches(0, 16)], 1)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name])
+
+
+def test_cohort_batches_are_each_clients_own_batches():
+    clients = [_batches(i, n) for i, n in enumerate(SIZES)]
+    alone = [list(_batches(i, n)) for i, n in enumerate(SIZES)]
+    for k, (x, y, w) in enumerate(CohortBatches(clients).epoch()):
+        for c, batches in enumerate(alone):
+            if k < len(batches):
+                real = int(w[c].sum())
+                torch.testing.assert_close(x[c, :real], batches[k][0], rtol=0, atol=0)
+                assert torch.equal(y[c, :real], batches[k][1])
+                assert not w[c, real:].any()
+            else:
+                assert not w[c].any()
+
+
+def test_rule_takes_the_factorys_defaults():
+    assert ClientRule.of("sam", {"lr": 0.1}).rho == 0.05
+    asam = ClientRule.of("asam", {"lr": 0.1, "rho": None})
+    assert (asam.rho, asam.eta) == (0.5, 0.01)
+    assert ClientRule.of("fgsm-sam", {"lr": 0.1, "steps": 2}).rho is None  # the model's L2-equivalent radius
+
+
+def test_what_cannot_batch_says_why():
+    assert batchable("sam", Small()) is None
+    assert "plug-in" in batchable("torch.optim:Adam", Small())
+    bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    assert "BatchNorm" in batchable("sgd", bn)
+    with pytest.raises(ValueError, match="cannot be batched"):
+        train_cohort(bn, "sgd", {"lr": 0.1}, [_batches(0, 8)], 1)
