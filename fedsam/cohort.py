@@ -33,6 +33,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedsam.data.batches import DeviceBatches, crop_and_flip
+from fedsam.graphs import GraphedStep
 from fedsam.optim import BUILTIN, batchnorm_layers
 from fedsam.optim.fgsm import l2_equivalent_rho
 from fedsam.train import LocalResult
@@ -99,7 +100,8 @@ class CohortBatches:
         self.scale, self.shift, self.dtype = first.scale, first.shift, first.dtype
         num = len(clients)
         sizes = [len(c.images) for c in clients]
-        self.base = torch.tensor([0] + sizes, device=self.device).cumsum(0)[:-1]
+        starts = torch.tensor([0] + sizes).cumsum(0)[:-1]  # where each client's images begin
+        self.base = torch.cat([torch.full((size,), int(start)) for size, start in zip(sizes, starts)]).to(self.device)
         pad = sum(sizes)  # one all-zero image for the padding slots
         source = [c.padded if c.augment else c.images for c in clients]
         self.images = torch.cat(source + [torch.zeros_like(source[0][:1])])
@@ -120,15 +122,20 @@ class CohortBatches:
 
     def epoch(self):
         """``(x, y, w)`` per step: ``clients × width`` images, labels and sample weights."""
-        plans = [c.epoch_plan() for c in self.clients]
+        plans = [c.draw_epoch() for c in self.clients]  # on the CPU; one copy to the device below
+        n = int(self.slot.numel())
+        drawn = [torch.cat([order for order, _, _ in plans])]
+        if self.clients[0].augment:
+            drawn += [torch.cat([o for _, o, _ in plans]).flatten(), torch.cat([f for _, _, f in plans]).long()]
+        drawn = torch.cat(drawn).to(self.device)
         sample = self.sample.clone()
-        sample[self.slot] = torch.cat([order + base for (order, _, _), base in zip(plans, self.base)])
+        sample[self.slot] = drawn[:n] + self.base
         sample = sample.view(self.steps, len(self.clients), self.width)
         if self.clients[0].augment:
             offsets = torch.zeros(sample.numel(), 2, dtype=torch.int64, device=self.device)
             flips = torch.zeros(sample.numel(), dtype=torch.bool, device=self.device)
-            offsets[self.slot] = torch.cat([o for _, o, _ in plans])
-            flips[self.slot] = torch.cat([f for _, _, f in plans])
+            offsets[self.slot] = drawn[n:3 * n].view(n, 2)
+            flips[self.slot] = drawn[3 * n:].bool()
             offsets = offsets.view(*sample.shape, 2)
             flips = flips.view(sample.shape)
         for k in range(self.steps):
@@ -166,11 +173,14 @@ def train_cohort(
     global_momentum: Tensors | None = None,
     momentum_alpha: float = 1.0,
     autocast_dtype: torch.dtype | None = None,
+    cuda_graph: bool = False,
 ) -> list[tuple[Tensors, LocalResult]]:
     """Train every client in ``clients`` from ``model``'s weights, as ``train_locally`` would one by one.
 
     Returns, per client, its trained ``state_dict`` (parameters and buffers) and its
     ``LocalResult``; ``seconds`` is the whole cohort's time. ``model`` itself is not changed.
+    Every step has the same shapes (short batches are padded), so with ``cuda_graph`` on a GPU
+    the whole cohort step is captured once and replayed (``fedsam.graphs``).
     """
     start = time.perf_counter()
     reason = batchable(spec, model)
@@ -193,8 +203,8 @@ def train_cohort(
     mix = None
     if global_momentum is not None:
         mix = {n: global_momentum[n].to(device) for n in names}
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=not cuda_graph)
+                if autocast_dtype is not None else contextlib.nullcontext())
 
     was_training = model.training
     model.train()
@@ -211,19 +221,30 @@ def train_cohort(
 
     loss_sum = torch.zeros(num, device=device, dtype=torch.float64)
     correct_sum = torch.zeros(num, device=device, dtype=torch.float64)
+    static: Tensors = {}  # this step's inputs, refilled in place so a CUDA graph can replay the step
+
+    def step() -> None:
+        x, y, w = static["x"], static["y"], static["w"]
+        g, (loss, correct) = gradient(params, x, y, w)
+        loss_sum.add_(loss.detach().double() * static["count"].double())
+        correct_sum.add_(correct.double())
+        g = _descent_gradient(rule, rho, gradient, params, g, x, y, w, weights_nd)
+        if mix is not None:
+            g = {n: momentum_alpha * g[n] + (1.0 - momentum_alpha) * mix[n] for n in names}
+        if grad_clip > 0:
+            norm = torch.stack([v.flatten(1).norm(dim=1) for v in g.values()]).norm(dim=0)
+            g = _scaled(g, (grad_clip / (norm + 1e-6)).clamp(max=1.0))
+        _sgd_(rule, params, velocity, g, static["active"])
+
+    graph = GraphedStep(step, device, enabled=cuda_graph)
     for _ in range(epochs):
         for k, (x, y, w) in enumerate(data.epoch()):
-            active = data.active[k]
-            g, (loss, correct) = gradient(params, x, y, w)
-            loss_sum += loss.detach().double() * data.counts[k].double()
-            correct_sum += correct.double()
-            g = _descent_gradient(rule, rho, gradient, params, g, x, y, w, weights_nd)
-            if mix is not None:
-                g = {n: momentum_alpha * g[n] + (1.0 - momentum_alpha) * mix[n] for n in names}
-            if grad_clip > 0:
-                norm = torch.stack([v.flatten(1).norm(dim=1) for v in g.values()]).norm(dim=0)
-                g = _scaled(g, (grad_clip / (norm + 1e-6)).clamp(max=1.0))
-            params, velocity = _sgd(rule, params, velocity, g, active)
+            inputs = {"x": x, "y": y, "w": w, "active": data.active[k], "count": data.counts[k]}
+            if not static:
+                static.update({name: t.clone() for name, t in inputs.items()})
+            for name, t in inputs.items():
+                static[name].copy_(t)
+            graph()
     if not was_training:
         model.eval()
 
@@ -272,16 +293,13 @@ def _descent_gradient(rule: ClientRule, rho: float | None, gradient, params: Ten
     return gradient(_combine(params, eps), x, y, w)[0]
 
 
-def _sgd(rule: ClientRule, params: Tensors, velocity: Tensors | None, g: Tensors,
-         active: torch.Tensor) -> tuple[Tensors, Tensors | None]:
-    """``torch.optim.SGD``'s step (weight decay, then momentum from a zero buffer), for active clients only."""
-    new_params, new_velocity = {}, {} if velocity is not None else None
+def _sgd_(rule: ClientRule, params: Tensors, velocity: Tensors | None, g: Tensors, active: torch.Tensor) -> None:
+    """``torch.optim.SGD``'s step (weight decay, then momentum from a zero buffer), in place, for
+    active clients only: a client without a batch this step keeps its weights and momentum."""
     for n, p in params.items():
         mask = active.view(-1, *[1] * (p.ndim - 1))
         d = g[n] + rule.weight_decay * p if rule.weight_decay != 0 else g[n]
         if velocity is not None:
-            v = torch.where(mask, rule.momentum * velocity[n] + d, velocity[n])
-            new_velocity[n] = v
-            d = v
-        new_params[n] = torch.where(mask, p - rule.lr * d, p)
-    return new_params, new_velocity
+            velocity[n].copy_(torch.where(mask, rule.momentum * velocity[n] + d, velocity[n]))
+            d = velocity[n]
+        p.copy_(torch.where(mask, p - rule.lr * d, p))

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsam.graphs import GraphedStep
 from fedsam.optim import FirstPassStats
 
 
@@ -64,12 +65,16 @@ def train_locally(
     momentum_alpha: float = 1.0,
     autocast_dtype: torch.dtype | None = None,
     num_examples: int | None = None,
+    cuda_graph: bool = False,
 ) -> LocalResult:
     """Train ``model`` in place for ``epochs`` passes over ``batches``.
 
     ``global_momentum`` maps parameter names to tensors on the model's device (MoFedSAM's
     ``m_t``); ``autocast_dtype`` (e.g. ``torch.bfloat16`` on a GPU) runs the forward pass in
     autocast while weights, gradients and SAM's perturbation norm stay in float32.
+    ``cuda_graph`` replays full-size steps as one CUDA graph on a GPU (``fedsam.graphs``); a
+    short last batch runs eagerly. It needs an optimizer that steps in place without host syncs,
+    as the built-ins do.
     """
     start = time.perf_counter()
     model.train()
@@ -83,8 +88,9 @@ def train_locally(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     batch: dict[str, torch.Tensor] = {}
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
+    graphing = cuda_graph and device.type == "cuda"
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=not graphing)
+                if autocast_dtype is not None else contextlib.nullcontext())
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -102,13 +108,28 @@ def train_locally(
 
     guarded = FirstPassStats(model, closure)
     hook = base.register_step_pre_hook(lambda *_: transform()) if transform is not None and base is not None else None
+
+    def step() -> None:
+        guarded.new_step()
+        optimizer.step(guarded)
+
+    graph: GraphedStep | None = None
+    static: dict[str, torch.Tensor] = {}
     steps = seen = 0
     try:
         for _ in range(epochs):
             for x, y in batches:
-                batch["x"], batch["y"] = x, y
-                guarded.new_step()
-                optimizer.step(guarded)
+                if graphing and (not static or static["x"].shape == x.shape):
+                    if graph is None:  # the first full-size batch fixes the graph's shapes
+                        static = {"x": x.clone(), "y": y.clone()}
+                        graph = GraphedStep(step, device)
+                    static["x"].copy_(x)
+                    static["y"].copy_(y)
+                    batch.update(static)
+                    graph()
+                else:
+                    batch["x"], batch["y"] = x, y
+                    step()
                 steps += 1
                 seen += len(y)
     finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import time
@@ -35,6 +36,8 @@ from fedsam.runtime import autocast_dtype, memory_format, resolve_device
 from fedsam.train import train_locally
 
 CIFAR10 = LAYOUTS["cifar10"]
+#: one client at a time or one batched cohort, each eager or replayed as a CUDA graph
+VARIANTS = ("one_by_one", "one_by_one_graph", "batched", "batched_graph")
 
 
 def synthetic_clients(num: int, size: int, batch: int, device: torch.device, seed: int = 0) -> list[DeviceBatches]:
@@ -67,7 +70,7 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> list[flo
 
 def round_both_ways(model_name: str, num: int, size: int, epochs: int, batch: int, spec: str, options: dict,
                     device: torch.device, repeats: int, *, grad_clip: float = 0.0, alpha: float | None = None,
-                    precision: str = "auto") -> dict[str, Any]:
+                    precision: str = "auto", variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
     """One round's client work, one client at a time and as one batched cohort."""
     torch.manual_seed(0)
     model = build_model(model_name, 10).to(device).to(memory_format=memory_format(device))
@@ -79,28 +82,42 @@ def round_both_ways(model_name: str, num: int, size: int, epochs: int, batch: in
                autocast_dtype=autocast)
     worker = copy.deepcopy(model)
     start_state = copy.deepcopy(model.state_dict())
+    first: dict[str, dict[str, torch.Tensor]] = {}  # each variant's first client, trained
 
-    def one_by_one() -> None:
+    def one_by_one(graph: bool) -> dict[str, torch.Tensor]:
         for i, batches in enumerate(synthetic_clients(num, size, batch, device)):
             worker.load_state_dict(start_state)
             optimizer = build(spec, worker.parameters(), **options)
-            train_locally(worker, optimizer, batches, epochs, **mix)
+            train_locally(worker, optimizer, batches, epochs, cuda_graph=graph, **mix)
+            if i == 0:
+                state = {k: v.detach().clone() for k, v in worker.state_dict().items()}
+        return state
 
-    def batched() -> None:
-        train_cohort(model, spec, options, synthetic_clients(num, size, batch, device), epochs, **mix)
+    def batched(graph: bool) -> dict[str, torch.Tensor]:
+        results = train_cohort(model, spec, options, synthetic_clients(num, size, batch, device), epochs,
+                               cuda_graph=graph, **mix)
+        return results[0][0]
 
     row: dict[str, Any] = {"model": model_name, "clients": num, "images_per_client": size, "epochs": epochs,
-                           "batch": batch, "optimizer": spec, "steps_per_client": epochs * -(-size // batch)}
-    for name, fn in (("one_by_one", one_by_one), ("batched", batched)):
+                           "batch": batch, "optimizer": spec, "steps_per_client": epochs * -(-size // batch),
+                           "precision": precision}
+    for name in variants:
+        fn = functools.partial(one_by_one if name.startswith("one_by_one") else batched, name.endswith("graph"))
         try:
-            times = timed(fn, device, repeats)
+            times = timed(lambda: first.__setitem__(name, fn()), device, repeats)
             row[f"{name}_seconds"] = statistics.median(times)
             row[f"{name}_runs"] = times
         except Exception as exc:  # noqa: BLE001 - a failed variant is recorded, the others still run
             row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
-    if "one_by_one_seconds" in row and "batched_seconds" in row:
-        row["speedup"] = row["one_by_one_seconds"] / row["batched_seconds"]
+    reference = first.get("one_by_one")
+    for name, state in first.items():
+        if reference is not None and name != "one_by_one":  # how far each variant lands from plain eager
+            row[f"{name}_max_rel_diff"] = max(((state[k].float() - v.float()).abs().max() /
+                                               v.float().abs().max().clamp_min(1e-12)).item()
+                                              for k, v in reference.items())
+        if reference is not None and name != "one_by_one" and f"{name}_seconds" in row:
+            row[f"{name}_speedup"] = row["one_by_one_seconds"] / row[f"{name}_seconds"]
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
@@ -122,12 +139,44 @@ def cohort_sweep(device: torch.device, repeats: int, quick: bool = False) -> lis
 
 def describe(row: dict[str, Any]) -> str:
     cells = [f"{row['model']:>12} x{row['clients']:<3}"]
-    for name in ("one_by_one", "batched"):
-        cells.append(f"{name} {row[name + '_seconds']:.3f} s" if name + "_seconds" in row
-                     else f"{name} failed ({row.get(name + '_error', '?')[:80]})")
-    if "speedup" in row:
-        cells.append(f"→ {row['speedup']:.2f}x")
+    for name in VARIANTS:
+        if name + "_seconds" in row:
+            cells.append(f"{name} {row[name + '_seconds']:.3f} s"
+                         + (f" ({row[name + '_speedup']:.2f}x)" if name + "_speedup" in row else ""))
+        elif name + "_error" in row:
+            cells.append(f"{name} failed ({row[name + '_error'][:80]})")
     return "  ".join(cells)
+
+
+def graph_check(device: torch.device) -> dict[str, Any]:
+    """Replayed graphs must train as eager code does: the CNN in float32, each variant's first
+    client against eager one-by-one (``*_max_rel_diff``)."""
+    return round_both_ways("cnn", 3, 70, 2, 32, "sam", {"lr": 0.05, "rho": 0.1, "momentum": 0.9,
+                                                      "weight_decay": 1e-3},
+                           device, 1, grad_clip=1.0, alpha=0.1, precision="fp32")
+
+
+def profile_cohort(device: torch.device, out: Path) -> None:
+    """Where a batched step's time goes: torch.profiler over one 100-client CNN round (after a warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = build_model("cnn", 10).to(device)
+    options = {"lr": 0.05, "rho": 0.1}
+
+    def one_round() -> None:
+        train_cohort(model, "sam", options, synthetic_clients(100, 50, 32, device), 1,
+                     autocast_dtype=autocast_dtype("auto", device))
+
+    one_round()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        one_round()
+        _sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    out.write_text(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70) + "\n"
+                   + prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=70))
+    print(f"profile written to {out}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,12 +186,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="CNN cohorts of 1 and 10 only")
     parser.add_argument("--out", default="cohort-bench.json")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
+    parser.add_argument("--profile", help="also profile one batched 100-client CNN round; kernel table to this file")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    report: dict[str, Any] = {"device": device.type, "torch": torch.__version__}
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    report: dict[str, Any] = {"device": device.type, "torch": torch.__version__,
+                              "cudnn_benchmark": args.cudnn_benchmark}
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)
     print(f"cohort bench on {report.get('gpu', 'CPU')}, torch {torch.__version__}", flush=True)
+    report["graph_check"] = graph_check(device)
+    print("graph check (fp32):", {k: v for k, v in report["graph_check"].items() if k.endswith("diff")}, flush=True)
     report["cohort_sweep"] = []
     for row in cohort_sweep(device, args.repeats, args.quick):
         report["cohort_sweep"].append(row)
@@ -152,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         print("FL-Simulator MoFedSAM round:", describe(report["fl_simulator_round"]), flush=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
+    if args.profile:
+        profile_cohort(device, Path(args.profile))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``docs/plateau.py``, the README's check of whether the decaying-rate curves have levelled off."""
+"""``scripts/plateau.py``, the results' check of whether the decaying-rate curves have levelled off."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import docs_script
+from scripts import plateau
 
 
 def test_a_straight_line_climbs_by_its_slope_and_a_constant_does_not():
     """acc = 20 + 0.5 · round: windows of 20 rounds differ by 10 points, the slope is 5 per 10 rounds."""
     rounds = np.arange(1, 101)
-    p = docs_script("plateau").plateau([20 + 0.5 * rounds, np.full(100, 30.0)], window=20)
+    p = plateau.plateau([20 + 0.5 * rounds, np.full(100, 30.0)], window=20)
     assert p["edges"] == [40, 60, 80, 100]
     assert p["means"][0] == pytest.approx([20 + 0.5 * 50.5, 20 + 0.5 * 70.5, 20 + 0.5 * 90.5])
     assert p["means"][1] == pytest.approx([30.0, 30.0, 30.0])
@@ -22,7 +22,7 @@ def test_a_straight_line_climbs_by_its_slope_and_a_constant_does_not():
 
 
 def test_windows_end_at_the_last_round_every_seed_reached():
-    p = docs_script("plateau").plateau([np.arange(1.0, 106.0), np.arange(1.0, 101.0)], window=20)
+    p = plateau.plateau([np.arange(1.0, 106.0), np.arange(1.0, 101.0)], window=20)
     assert p["edges"] == [40, 60, 80, 100]  # 100 rounds in common; the longer run is cut there
 
 
@@ -40,7 +40,7 @@ def test_the_command_groups_seeds_and_prints_one_line_per_configuration(tmp_path
     _run(tmp_path, "fedavg", 0, flat)
     _run(tmp_path, "fedavg", 1, flat)
     _run(tmp_path, "fedsam", 0, rising)
-    assert docs_script("plateau").main([str(tmp_path), "--window", "20"]) == 0
+    assert plateau.main([str(tmp_path), "--window", "20"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("strategy=fedavg (2 seeds, 60 rounds)  1-20: 40.0  21-40: 40.0  41-60: 40.0")
     assert "last step +0.00 ± 0.00" in lines[0]
@@ -52,6 +52,6 @@ def test_the_command_groups_seeds_and_prints_one_line_per_configuration(tmp_path
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args):
     (tmp_path / "empty").mkdir()
     argv = [a.format(empty=tmp_path / "empty", missing=tmp_path / "missing") for a in args]
-    assert docs_script("plateau").main(argv) == 2
+    assert plateau.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1

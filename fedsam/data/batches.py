@@ -10,6 +10,7 @@ normalisation. Nothing runs per image in Python.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,10 @@ class DeviceBatches:
 
     ``images`` is ``uint8 N×3×H×W`` and ``labels`` ``int64 N``, both already on the training
     device. With ``augment`` each sample gets a random crop (pad 4) and horizontal flip; with
-    ``shuffle`` each epoch visits the samples in a new order. Both come from one generator
-    seeded with ``seed``, so the sequence of batches is reproducible. The last batch of an
+    ``shuffle`` each epoch visits the samples in a new order. Both come from one CPU generator
+    seeded with ``seed``, so the sequence of batches is reproducible and the same on every device;
+    an epoch's draws then reach the device in one copy (a CUDA generator per client costs more
+    to set up than a small client's whole epoch). The last batch of an
     epoch may be smaller; a last batch of a single sample is folded into the one before it
     (BatchNorm cannot train on one sample).
     """
@@ -55,12 +58,8 @@ class DeviceBatches:
         self.shuffle = shuffle
         self.dtype = dtype
         self.memory_format = memory_format
-        channels = images.shape[1]
-        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, channels, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, channels, 1, 1)
-        self.scale = (1.0 / (255.0 * std_t)).to(dtype)  # x/255 − mean) / std = x·scale − shift
-        self.shift = (mean_t / std_t).to(dtype)
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.scale, self.shift = normalisation(tuple(mean), tuple(std), self.device, dtype)
+        self.generator = torch.Generator().manual_seed(seed)
         if augment:
             self.padded = F.pad(images, (PAD, PAD, PAD, PAD))
             self.grid = pixel_grid(images)
@@ -74,22 +73,27 @@ class DeviceBatches:
         """Minibatches per epoch."""
         return len(self.bounds)
 
-    def epoch_plan(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """One epoch's random draws: the visiting order, and each position's crop offset and flip.
-
-        ``fedsam.cohort`` draws a client's epoch through this too, so a client batched with others
-        sees exactly the batches it would see alone."""
+    def draw_epoch(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """One epoch's random draws, on the CPU: the visiting order, and each position's crop
+        offset and flip. ``fedsam.cohort`` draws a client's epochs through this too, so a client
+        batched with others sees exactly the batches it would see alone."""
         n = len(self.images)
         g = self.generator
-        if self.shuffle:
-            order = torch.randperm(n, generator=g, device=self.device)
-        else:
-            order = torch.arange(n, device=self.device)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         if not self.augment:
             return order, None, None
-        offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g, device=self.device)
-        flips = torch.randint(0, 2, (n,), generator=g, device=self.device).bool()
+        offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g)
+        flips = torch.randint(0, 2, (n,), generator=g).bool()
         return order, offsets, flips
+
+    def epoch_plan(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``draw_epoch``'s tensors on the training device, moved in one copy."""
+        order, offsets, flips = self.draw_epoch()
+        if offsets is None:
+            return order.to(self.device), None, None
+        n = len(order)
+        moved = torch.cat([order, offsets.flatten(), flips.long()]).to(self.device)
+        return moved[:n], moved[n:3 * n].view(n, 2), moved[3 * n:].bool()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, offsets, flips = self.epoch_plan()
@@ -102,6 +106,15 @@ class DeviceBatches:
             x = x.to(self.dtype).mul_(self.scale).sub_(self.shift)
             yield x.contiguous(memory_format=self.memory_format), self.labels[idx]
 
+
+
+@lru_cache(maxsize=16)
+def normalisation(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x/255 − mean) / std = x·scale − shift``: the two constants, made once per device and dtype."""
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, len(std), 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, len(mean), 1, 1)
+    return (1.0 / (255.0 * std_t)).to(dtype), (mean_t / std_t).to(dtype)
 
 
 def pixel_grid(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,11 +1,11 @@
-"""Why the SAM curves in the README start late: SAM from a fresh CNN, in one central loop.
+"""Why the SAM curves in docs/results.md start late: SAM from a fresh CNN, in one central loop.
 
 Trains the results' CNN on all training images with the results' local settings (batch 32,
 lr 0.05, weight decay 4e-4, crop and flip), once with SGD and once with SAM per radius ρ, all
 from the same initial weights and the same batches, and prints the mean training loss of each
 epoch. No Flower, no partition: only the optimizer differs.
 
-    python docs/sam_slow_start.py --data-dir ../shared/data/cifar10-subset
+    python -m scripts.sam_slow_start --data-dir ../shared/data/cifar10-subset
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ round), a 10-round window is too short to see a slow climb. This prints the mean
 fixed-width windows (default 20 rounds), the change between the last two, and the least-squares
 slope over the last 30 rounds, in points per 10 rounds:
 
-    python docs/plateau.py runs/decay --window 20
+    python -m scripts.plateau runs/decay --window 20
 """
 from __future__ import annotations
 
