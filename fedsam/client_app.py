@@ -1,4 +1,5 @@
-"""The Flower ClientApp: local training with any ``fedsam.optim`` optimizer on one partition.
+"""The Flower ClientApp: local training with any ``fedsam.optim`` optimizer on one partition, or,
+in a simulation, on a cohort of partitions per message (``fedsam.wire``).
 
 A train message carries the global arrays and a config (optimizer spec and options, lr, local
 epochs, batch size, weight decay, momentum, gradient clipping, seed, and the data and split to
@@ -23,11 +24,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedsam import wire
+from fedsam.cohort import train_cohort, use_batched
 from fedsam.data import DeviceBatches, PartitionSpec, load, make_partition
 from fedsam.models import build_model
 from fedsam.optim import BUILTIN, build, restart
-from fedsam.runtime import autocast_dtype, memory_format, resolve_device, round_seed
-from fedsam.train import train_locally
+from fedsam.runtime import autocast_dtype, memory_format, resolve_device, round_seed, use_cuda_graphs
+from fedsam.train import LocalResult, train_locally
 
 app = ClientApp()
 
@@ -141,34 +144,86 @@ def answer_partition_id(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"partition": record}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
-    pid, data_dir = partition_of(context, config)
-    device = resolve_device(str(config.get("device", "auto")))
-    dataset = str(config["dataset"])
-    data = device_data(dataset, data_dir, str(device))
-    idx = client_indices(dataset, data_dir, partition_spec(config), str(device))[pid]
-    seed = round_seed(int(config["seed"]), int(config["server-round"]), pid)
-    torch.manual_seed(seed)
-
-    batches = DeviceBatches(data.images[idx], data.labels[idx], int(config["batch-size"]), mean=data.mean,
-                            std=data.std, augment=True, shuffle=True, seed=seed, memory_format=memory_format(device))
-    model = cached_model(str(config["model"]), data.num_classes, str(config.get("norm", "group")), str(device))
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    optimizer = local_optimizer(model, str(config["optimizer"]), optimizer_options(config, pid))
-    momentum = None
-    if "momentum" in msg.content:
-        momentum = {k: t.to(device) for k, t in msg.content["momentum"].to_torch_state_dict().items()}
-    result = train_locally(model, optimizer, batches, int(config["local-epochs"]),
-                           grad_clip=float(config.get("grad-clip", 0.0)), global_momentum=momentum,
-                           momentum_alpha=float(config.get("momentum-alpha", 1.0)), num_examples=len(idx),
-                           autocast_dtype=autocast_dtype(str(config.get("precision", "auto")), device))
-    metrics = MetricRecord({
+def metric_record(result: LocalResult) -> MetricRecord:
+    return MetricRecord({
         "num-examples": result.num_examples,
         "num-steps": result.num_steps,
         "train-loss": result.loss,
         "train-accuracy": result.accuracy,
         "seconds": result.seconds,
     })
-    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
+
+
+def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: str,
+                     isolate: bool) -> dict[int, tuple[ArrayRecord, MetricRecord] | str]:
+    """Train each listed partition from the message's global arrays: batched when ``fedsam.cohort``
+    can and the run's ``vectorize`` setting allows, else one after another. With ``isolate`` an
+    error in one client's training is that client's failure (its reason), not the whole call's: a
+    batched cohort that raises is trained again one client at a time to find out whose it is."""
+    config = content["config"]
+    device = resolve_device(str(config.get("device", "auto")))
+    dataset = str(config["dataset"])
+    data = device_data(dataset, data_dir, str(device))
+    parts = client_indices(dataset, data_dir, partition_spec(config), str(device))
+    model = cached_model(str(config["model"]), data.num_classes, str(config.get("norm", "group")), str(device))
+    start = content["arrays"].to_torch_state_dict()
+    spec, epochs = str(config["optimizer"]), int(config["local-epochs"])
+    momentum = None
+    if "momentum" in content:
+        momentum = {k: t.to(device) for k, t in content["momentum"].to_torch_state_dict().items()}
+    seeds = {pid: round_seed(int(config["seed"]), int(config["server-round"]), pid) for pid in partition_ids}
+    graph_setting = str(config.get("cuda-graphs", "auto"))  # a plug-in's Python state would freeze in a graph
+    graphs = use_cuda_graphs(graph_setting, device) and (spec in BUILTIN or graph_setting == "on")
+    knobs = dict(grad_clip=float(config.get("grad-clip", 0.0)), global_momentum=momentum,
+                 momentum_alpha=float(config.get("momentum-alpha", 1.0)), cuda_graph=graphs,
+                 autocast_dtype=autocast_dtype(str(config.get("precision", "auto")), device))
+
+    def batches(pid: int) -> DeviceBatches:
+        idx = parts[pid]
+        return DeviceBatches(data.images[idx], data.labels[idx], int(config["batch-size"]), mean=data.mean,
+                             std=data.std, augment=True, shuffle=True, seed=seeds[pid],
+                             memory_format=memory_format(device))
+
+    num_clients = int(config["num-clients"])
+    for pid in partition_ids:
+        if not 0 <= pid < num_clients:
+            raise ValueError(f"partition id {pid} is outside 0..{num_clients - 1}")
+    vectorize = str(config.get("vectorize", "auto"))
+    if use_batched(vectorize, spec, model, device, len(partition_ids)):
+        try:
+            model.load_state_dict(start)
+            trained = train_cohort(model, spec, optimizer_options(config, partition_ids[0]),
+                                   [batches(pid) for pid in partition_ids], epochs, **knobs)
+            return {pid: (ArrayRecord(state), metric_record(result))
+                    for pid, (state, result) in zip(partition_ids, trained)}
+        except Exception:  # noqa: BLE001 - retried client by client below, which says whose failure it is
+            if not isolate:
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    out: dict[int, tuple[ArrayRecord, MetricRecord] | str] = {}
+    for pid in partition_ids:
+        try:
+            torch.manual_seed(seeds[pid])
+            model.load_state_dict(start)
+            optimizer = local_optimizer(model, spec, optimizer_options(config, pid))
+            result = train_locally(model, optimizer, batches(pid), epochs, num_examples=len(parts[pid]), **knobs)
+            out[pid] = (ArrayRecord(model.state_dict()), metric_record(result))
+        except Exception as exc:  # noqa: BLE001 - one client's failure, reported for that client
+            if not isolate:
+                raise
+            out[pid] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    wire.check_train_config(config.keys())
+    pid, data_dir = partition_of(context, config)
+    if wire.PARTITION_IDS in config:  # a simulation's worker, training a cohort of clients
+        cohort = [int(p) for p in config[wire.PARTITION_IDS]]
+        return Message(wire.pack(train_partitions(msg.content, cohort, data_dir, isolate=True)), reply_to=msg)
+    arrays, metrics = train_partitions(msg.content, [pid], data_dir, isolate=False)[pid]
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

@@ -120,7 +120,7 @@ def train_locally(
         for _ in range(epochs):
             for x, y in batches:
                 if graphing and (not static or static["x"].shape == x.shape):
-                    if graph is None:  # the first full-size batch fixes the graph's shapes
+                    if graph is None:  # the first batch fixes the graph's shapes; others run eagerly
                         static = {"x": x.clone(), "y": y.clone()}
                         graph = GraphedStep(step, device)
                     static["x"].copy_(x)

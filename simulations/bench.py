@@ -9,8 +9,11 @@
 (d) our data path (``DeviceBatches``) against the usual Flower quickstart path (a torch
     ``DataLoader`` over a Hugging Face dataset whose ``with_transform`` decodes and transforms
     each image) on the same training;
-(e) on a GPU: one round of the FL-Simulator MoFedSAM setting (ResNet-18-GN, 10 clients x 5
-    epochs x 500 images, batch 50) through ``fedsam run``.
+(e) on a GPU: rounds of the FL-Simulator MoFedSAM setting (ResNet-18-GN, 10 clients x 5 epochs
+    x 500 images, batch 50) through ``fedsam run``, with batched cohorts on and off;
+(f) batched cohorts against one client at a time, each eager and as CUDA graphs, for cohorts of
+    1, 10 and 100 CNN clients and 1 and 10 ResNet-18-GN clients, plus the FL-Simulator round's
+    client work (``simulations.cohort_bench``, which runs without Flower too).
 
 Every figure is the median of ``--repeats`` runs after a warm-up. The table goes to stdout, the
 figures and a description of the machine to ``--out`` (JSON).
@@ -24,7 +27,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,9 +40,10 @@ from fedsam.data import DeviceBatches, load
 from fedsam.models import build_model
 from fedsam.optim import build
 from fedsam.train import train_locally
-from simulations.cli import UsageError
+from simulations import cohort_bench
+from simulations.cli import UsageError, run_command
 
-OPTIMIZERS = {"sgd": {}, "sam": {"rho": 0.05}, "asam": {"rho": 0.5}, "fgsm-sam": {"steps": 2}}
+OPTIMIZERS = {"sgd": {}, "sam": {}, "asam": {}, "fgsm-sam": {"steps": 2}}  # the factories' own defaults, FGSM at 2 steps
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
@@ -218,11 +221,8 @@ def _steady_median(seconds: list[float]) -> float:
 
 
 def _timed_fedsam_run(flags: dict[str, Any]) -> tuple[float, list[float]]:
-    argv = [sys.executable, "-m", "simulations", "run"]
-    for key, value in flags.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
     started = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(run_command(flags), capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"the fedsam run for (c) failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -322,20 +322,24 @@ def data_paths(device: torch.device, quick: bool, repeats: int, data_dir: str | 
 # ----------------------------------------------------------------------------- (e)
 
 def fl_simulator_round(device: torch.device, scratch: Path, rounds: int = 3) -> dict[str, Any]:
-    """The FL-Simulator MoFedSAM round: 10 clients x 5 epochs x 500 images, ResNet-18-GN, batch 50."""
+    """The FL-Simulator MoFedSAM round end to end: 10 clients x 5 epochs x 500 images, ResNet-18-GN,
+    batch 50, through ``fedsam run``, with batched cohorts on and off."""
     from fedsam.data.synthetic import write_cifar10
 
     data_dir = write_cifar10(scratch / "fls-data", per_batch=10000, test=1000)
-    out = scratch / "fls"
-    argv = [sys.executable, "-m", "simulations", "run", "--preset", "fl-simulator-cifar10", "--data-dir",
-            str(data_dir), "--rounds", str(rounds), "--client-sampling", "uniform", "--eval-every", str(rounds),
-            "--device", device.type, "--out", str(out)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the FL-Simulator round failed: {proc.stderr.strip().splitlines()[-1:]}")
-    seconds = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"setting": "fl-simulator-cifar10 preset, 100 clients x 500 images, exactly 10 per round",
-            "round_seconds": seconds, "median_round_seconds_after_first": statistics.median(seconds[1:])}
+    result: dict[str, Any] = {"setting": "fl-simulator-cifar10 preset, 100 clients x 500 images, exactly 10 per round"}
+    for vectorize in ("on", "off"):
+        out = scratch / f"fls-{vectorize}"
+        argv = run_command({"preset": "fl-simulator-cifar10", "data_dir": data_dir, "rounds": rounds,
+                            "client_sampling": "uniform", "eval_every": rounds, "device": device.type,
+                            "vectorize": vectorize, "out": out})
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the FL-Simulator round failed: {proc.stderr.strip().splitlines()[-1:]}")
+        seconds = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        result[f"vectorize_{vectorize}"] = {"round_seconds": seconds,
+                                            "median_round_seconds_after_first": statistics.median(seconds[1:])}
+    return result
 
 
 # ----------------------------------------------------------------------------- the command
@@ -397,9 +401,18 @@ def run(args: argparse.Namespace) -> int:
                          [[r["optimizer"], f"{r['images_per_s_device_batches']:.0f}",
                            f"{r['images_per_s_dataloader']:.0f}", f"{r['speedup']:.2f}×"] for r in rows]), flush=True)
         if "e" not in skip and device.type == "cuda" and not args.quick:
-            report["fl_simulator_round"] = fl_simulator_round(device, scratch)
-            print(f"\n(e) FL-Simulator MoFedSAM round: "
-                  f"{report['fl_simulator_round']['median_round_seconds_after_first']:.2f} s", flush=True)
+            report["fl_simulator_round"] = result = fl_simulator_round(device, scratch)
+            print(f"\n(e) FL-Simulator MoFedSAM round through fedsam run: "
+                  f"{result['vectorize_on']['median_round_seconds_after_first']:.2f} s batched, "
+                  f"{result['vectorize_off']['median_round_seconds_after_first']:.2f} s one client at a time", flush=True)
+        if "f" not in skip:
+            rows = list(cohort_bench.cohort_sweep(device, repeats, args.quick))
+            if device.type == "cuda" and not args.quick:
+                rows.append(cohort_bench.fl_simulator_round(device, repeats))
+            report["cohorts"] = rows
+            print("\n(f) a round's client work: one client at a time against one batched cohort")
+            for row in rows:
+                print("  " + cohort_bench.describe(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import fedsam
 
@@ -19,6 +20,21 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
+
+
+def run_command(values: dict[str, Any]) -> list[str]:
+    """The ``fedsam run`` argv for these settings (field names or flag names; ``None`` left out,
+    booleans as ``--x`` / ``--no-x``): the one place a run's command line is built."""
+    argv = [sys.executable, "-m", "simulations", "run"]
+    for name, value in values.items():
+        if value is None:
+            continue
+        flag = "--" + str(name).replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 def build_parser() -> OneLineParser:

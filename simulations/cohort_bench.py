@@ -21,7 +21,7 @@ import json
 import statistics
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,12 +129,15 @@ def fl_simulator_round(device: torch.device, repeats: int) -> dict[str, Any]:
                            {"lr": 0.1, "rho": 0.1, "weight_decay": 1e-3}, device, repeats, grad_clip=10.0, alpha=0.1)
 
 
-def cohort_sweep(device: torch.device, repeats: int, quick: bool = False) -> list[dict[str, Any]]:
+def cohort_sweep(device: torch.device, repeats: int, quick: bool = False) -> Iterator[dict[str, Any]]:
+    """One row per cohort size, as each finishes."""
     settings = [("cnn", n, 50, 32) for n in ((1, 10) if quick else (1, 10, 100))]
     if not quick:
         settings += [("resnet18", n, 500, 50) for n in (1, 10)]
-    return [round_both_ways(model, n, size, 1, batch, "sam", {"lr": 0.05, "rho": 0.1}, device, repeats)
-            for model, n, size, batch in settings]
+    variants = VARIANTS if device.type == "cuda" else ("one_by_one", "batched")  # no CUDA graphs on a CPU
+    for model, n, size, batch in settings:
+        yield round_both_ways(model, n, size, 1, batch, "sam", {"lr": 0.05, "rho": 0.1}, device, repeats,
+                              variants=variants)
 
 
 def describe(row: dict[str, Any]) -> str:
@@ -199,14 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     report["graph_check"] = graph_check(device)
     print("graph check (fp32):", {k: v for k, v in report["graph_check"].items() if k.endswith("diff")}, flush=True)
     report["cohort_sweep"] = []
+    out = Path(args.out)
     for row in cohort_sweep(device, args.repeats, args.quick):
         report["cohort_sweep"].append(row)
         print(describe(row), flush=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")  # what finished survives a time-out
     if not args.quick:
         report["fl_simulator_round"] = fl_simulator_round(device, args.repeats)
         print("FL-Simulator MoFedSAM round:", describe(report["fl_simulator_round"]), flush=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
     if args.profile:
         profile_cohort(device, Path(args.profile))
     return 0

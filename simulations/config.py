@@ -19,6 +19,7 @@ from typing import Any
 
 from fedsam.data import DATASETS, SCHEMES, PartitionSpec
 from fedsam.models import MODELS
+from fedsam.optim import FEDERATED_RHO
 from simulations.presets import PRESETS
 
 if sys.version_info >= (3, 11):
@@ -28,7 +29,6 @@ else:  # pragma: no cover
 
 STRATEGIES = ("fedavg", "fedsam", "mofedsam", "fedavgm")
 DEFAULT_OPTIMIZER = {"fedavg": "sgd", "fedavgm": "sgd", "fedsam": "sam", "mofedsam": "sam"}
-FEDERATED_RHO = 0.1
 
 
 class ConfigError(ValueError):
@@ -80,6 +80,13 @@ class ExperimentConfig:
     device: str = _f("auto", "where clients train and the server evaluates", ("auto", "cpu", "cuda"))
     precision: str = _f("auto", "forward passes in bf16 autocast (auto: on GPUs) or fp32; weights, gradients "
                         "and SAM's perturbation stay fp32", ("auto", "fp32", "bf16"))
+    vectorize: str = _f("auto", "train a worker's cohort of clients as one batched model (auto: on GPUs, where it "
+                        "was measured faster; built-in optimizers only)", ("auto", "on", "off"))
+    cuda_graphs: str = _f("auto", "replay each local training step as one CUDA graph (auto: on GPUs)",
+                          ("auto", "on", "off"))
+    workers: int = _f(0, "cohort messages per round: the round's clients are dealt to this many workers, each "
+                      "training its cohort in one call (0 = auto: one per Ray worker when clients train "
+                      "batched, else one message per client)")
     num_cpus_per_client: float = _f(1.0, "CPU cores Ray reserves per client")
     num_gpus_per_client: float = _f(-1.0, "GPU share Ray reserves per client, e.g. 0.25 (-1 = auto)")
     ray_num_cpus: int = _f(0, "CPU cores the local Ray instance may use (0 = all; a sweep sets it per run)")
@@ -103,12 +110,14 @@ class ExperimentConfig:
     def resolved(self) -> "ExperimentConfig":
         """The same config with the strategy-dependent defaults written out: the client optimizer
         (SAM for fedsam and mofedsam, SGD otherwise) and, for SAM under a SAM strategy, the
-        federated papers' ρ = 0.1."""
+        federated papers' ρ = 0.1. The data-dir becomes absolute, so the config.json it is saved as
+        works from any folder (``--resume``, ``fedsam sharpness``) and a sweep finds its runs again."""
         optimizer = self.optimizer or DEFAULT_OPTIMIZER.get(self.strategy, "sgd")  # validate() names a bad strategy
         rho = self.rho
         if rho is None and optimizer == "sam" and self.strategy in ("fedsam", "mofedsam"):
             rho = FEDERATED_RHO
-        return dataclasses.replace(self, optimizer=optimizer, rho=rho)
+        data_dir = str(Path(self.data_dir).expanduser().resolve()) if self.data_dir else self.data_dir
+        return dataclasses.replace(self, optimizer=optimizer, rho=rho, data_dir=data_dir)
 
     def to_dict(self) -> dict[str, Any]:
         """Dashed keys, as in flags, TOML and config.json."""
@@ -232,8 +241,21 @@ def validate(cfg: ExperimentConfig) -> None:
     need(finite("num_gpus_per_client") == -1 or cfg.num_gpus_per_client >= 0,
          f"num-gpus-per-client must be >= 0 (or -1 for auto), got {cfg.num_gpus_per_client}")
     need(cfg.ray_num_cpus >= 0, f"ray-num-cpus must be >= 0 (0 = all), got {cfg.ray_num_cpus}")
+    need(cfg.workers >= 0, f"workers must be >= 0 (0 = auto), got {cfg.workers}")
     need(cfg.sharpness_every >= 0, f"sharpness-every must be >= 0 (0 = off), got {cfg.sharpness_every}")
     need(bool(cfg.data_dir), "data-dir must not be empty")
+    need(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
+    if cfg.out:
+        blocker = _file_in_the_way(Path(cfg.out).expanduser())
+        need(blocker is None, f"--out {cfg.out}: {blocker} is a file, not a folder")
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """``path`` or the first of its parents that exists, if that is not a folder (mkdir would fail)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 def add_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...] | None = None) -> None:

@@ -19,6 +19,7 @@ from fedsam.client_app import optimizer_options
 from fedsam.runtime import autocast_dtype, resolve_device
 from fedsam.data import DataError, DeviceBatches, ImageDataset, Partition, PartitionError, load, make_partition
 from fedsam.data import summarize, write_partition_json
+from fedsam.cohort import batchable
 from fedsam.models import build_model
 from fedsam.optim import OptimizerSpecError, build, portable_spec
 from fedsam.sharpness import evaluation_subset, model_sharpness
@@ -80,7 +81,7 @@ def client_config(cfg: ExperimentConfig) -> ConfigRecord:
         "optimizer": portable_spec(cfg.optimizer), "fgsm-steps": cfg.fgsm_steps,
         "ascent-momentum": cfg.ascent_momentum, "local-epochs": cfg.local_epochs, "batch-size": cfg.batch_size,
         "lr": cfg.lr, "weight-decay": cfg.weight_decay, "momentum": cfg.momentum, "grad-clip": cfg.grad_clip,
-        "device": cfg.device, "precision": cfg.precision,
+        "device": cfg.device, "precision": cfg.precision, "vectorize": cfg.vectorize, "cuda-graphs": cfg.cuda_graphs,
     }
     for name, value in (("rho", cfg.rho), ("eta", cfg.eta)):
         if value is not None:
@@ -88,8 +89,28 @@ def client_config(cfg: ExperimentConfig) -> ConfigRecord:
     return ConfigRecord(values)
 
 
-def build_strategy(cfg: ExperimentConfig, parameter_keys: list[str]):
-    common = dict(seed=cfg.seed, sampling=cfg.client_sampling, lr_decay=cfg.lr_decay, server_lr=cfg.server_lr)
+def trains_batched(cfg: ExperimentConfig) -> bool:
+    """Whether a cohort of this run's clients trains as one batched model (``fedsam.cohort``):
+    ``--vectorize on``, or ``auto`` on a GPU, for a rule and model that can batch."""
+    if cfg.vectorize == "off" or (cfg.vectorize == "auto" and resolve_device(cfg.device).type != "cuda"):
+        return False
+    return batchable(cfg.optimizer, build_model(cfg.model, 10, cfg.norm)) is None
+
+
+def cohort_workers(cfg: ExperimentConfig, available: int | None) -> int | None:
+    """How many cohort messages a round sends, in a simulation (``available`` workers; ``None`` on
+    the Deployment Engine, where each node is one client and gets its own message): ``--workers``
+    when given, else one per worker where clients train batched, else one message per client."""
+    if available is None:
+        return None
+    if cfg.workers > 0:
+        return cfg.workers
+    return max(1, available) if trains_batched(cfg) else None
+
+
+def build_strategy(cfg: ExperimentConfig, parameter_keys: list[str], workers: int | None = None):
+    common = dict(seed=cfg.seed, sampling=cfg.client_sampling, lr_decay=cfg.lr_decay, server_lr=cfg.server_lr,
+                  workers=workers)
     clients = (cfg.num_clients, cfg.clients_per_round)
     if cfg.strategy == "fedavg":
         return FedAvg(*clients, **common)
@@ -156,21 +177,22 @@ def _play_round(rnd: int, strategy, grid: Grid, arrays: ArrayRecord, train_confi
     replies = list(grid.send_and_receive(messages, timeout=cfg.client_timeout))
     new_arrays, metrics = strategy.aggregate_train(rnd, replies)
     failures = [{"client": pid, "reason": reason} for pid, reason in strategy.failures]
-    replied = {strategy.partition_of(r) for r in replies}
-    for message in messages:
-        pid = strategy.partition_of_node[message.metadata.dst_node_id]
-        if pid not in replied:
+    sent = strategy.sent_partitions()
+    for pid in sent:
+        if pid not in strategy.answered:
             failures.append({"client": pid, "reason": f"no reply within {cfg.client_timeout:g} s"})
-    return new_arrays, metrics, sorted(failures, key=lambda f: f["client"]), len(messages)
+    return new_arrays, metrics, sorted(failures, key=lambda f: f["client"]), len(sent)
 
 
 def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageDataset | None = None,
                    echo: bool = True, stop: threading.Event | None = None,
-                   resume: dict[str, Any] | None = None) -> dict[str, Any]:
+                   resume: dict[str, Any] | None = None, available_workers: int | None = None) -> dict[str, Any]:
     """The federated rounds, from round 1 or from the checkpoint ``resume``.
 
     ``cfg`` must be resolved and checked. Returns the summary, or ``{"stopped_after": round}``
-    when ``stop`` was set (after writing a checkpoint). Raises ``RunFailed`` when too few clients
+    when ``stop`` was set (after writing a checkpoint). ``available_workers`` is how many clients a
+    simulation can train at once (its Ray workers), for cohort messages (``cohort_workers``);
+    ``None``, as under the Deployment Engine, sends one message per client. Raises ``RunFailed`` when too few clients
     succeed or the global model diverges; the last good checkpoint stays in ``out``.
     """
     started = time.monotonic()
@@ -179,7 +201,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, cfg.norm)
     arrays = ArrayRecord(model.state_dict())
-    strategy = build_strategy(cfg, [name for name, _ in model.named_parameters()])
+    strategy = build_strategy(cfg, [name for name, _ in model.named_parameters()],
+                              cohort_workers(cfg, available_workers))
     evaluator = CentralEvaluator(model, data, device, cfg.precision)
     probe = None
     if cfg.sharpness_every:

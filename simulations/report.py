@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from simulations.cli import UsageError
+from simulations.results import read_metrics
 
 NOT_CONFIGURATION = {"seed", "out", "data-dir", "download", "device", "num-cpus-per-client", "num-gpus-per-client",
                      "ray-num-cpus", "ray-address"}
@@ -84,13 +85,7 @@ def collect(directory: Path) -> tuple[list[RunResult], list[dict[str, Any]]]:
         config = _read_json(folder / "config.json")
         if not isinstance(config, dict):
             continue
-        metrics = []
-        if (folder / "metrics.jsonl").is_file():
-            for line in (folder / "metrics.jsonl").read_text().splitlines():
-                try:
-                    metrics.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break
+        metrics = read_metrics(folder / "metrics.jsonl") if (folder / "metrics.jsonl").is_file() else []
         summary = _read_json(folder / "summary.json")
         error = None if summary else (errors.get(folder.name) or "unfinished (no summary.json)")
         runs.append(RunResult(folder.name, config, metrics, summary, error))

@@ -14,8 +14,8 @@
 from __future__ import annotations
 
 import json
-import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,24 @@ def holds_a_run(out: Path) -> str | None:
         if (out / name).exists():
             return name
     return None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rounds in ``metrics.jsonl``. A line that is not a JSON object (a torn write, a bad edit)
+    is skipped with a warning rather than ending the read: later rounds are still good data."""
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            sys.stderr.write(f"warning: {path}:{number}: not a JSON object, line skipped\n")
+            continue
+        records.append(record)
+    return records
 
 
 def _duration(seconds: float) -> str:
@@ -82,8 +100,12 @@ class RunRecorder:
         parts.append(f"elapsed {_duration(elapsed)}  ETA {_duration(eta)}")
         return " · ".join(parts)
 
-    def finish(self, model_state: dict[str, torch.Tensor], wall_seconds: float, extra: dict | None = None) -> dict:
+    def finish(self, model_state: dict[str, torch.Tensor], wall_seconds: float) -> dict:
         evaluated = [r for r in self.records if r.get("test_accuracy") is not None]
+        reasons: dict[str, int] = {}
+        for record in self.records:
+            for failure in record.get("failures", []):
+                reasons[failure["reason"]] = reasons.get(failure["reason"], 0) + 1
         summary = {
             "rounds": len(self.records),
             "final_test_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
@@ -92,13 +114,11 @@ class RunRecorder:
             "best_round": max(evaluated, key=lambda r: r["test_accuracy"])["round"] if evaluated else None,
             "wall_seconds": wall_seconds,
             "final_sharpness": next((r["sharpness"] for r in reversed(self.records) if "sharpness" in r), None),
-            **(extra or {}),
+            "failed_client_rounds": sum(int(r.get("failed_clients", 0)) for r in self.records),
+            "failure_reasons": dict(sorted(reasons.items(), key=lambda item: -item[1])),
         }
         torch.save({k: v.detach().cpu() for k, v in model_state.items()}, self.out / "model.pt")
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plots.run_curves(self.records, self.out / "accuracy.png", self.title)
         return summary
 
-
-def finite_or_none(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None

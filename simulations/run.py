@@ -25,6 +25,7 @@ from simulations.config import ConfigError, ExperimentConfig
 from simulations.experiment import RunFailed, check, run_experiment, write_run_files
 from simulations.presets import PRESETS
 from simulations.ray_cluster import check_reachable
+from simulations.results import holds_a_run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--preset", choices=tuple(PRESETS), help="start from a named setting (flags override it)")
     parser.add_argument("--config", metavar="FILE.toml", help="settings file: flag names as keys (flags override it)")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint "
-                        "(with its own settings; --rounds extends it, resource flags may change)")
+                        "(with its own settings; --rounds extends it, resource flags may change); a run "
+                        "stopped before its first checkpoint starts again from round 1")
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     configuration.add_flags(parser)
     parser.set_defaults(handler=run)
@@ -50,8 +52,9 @@ RESUMABLE = ("rounds", "checkpoint_every", "client_timeout", "min_successful_cli
              "num_gpus_per_client", "ray_num_cpus", "ray_address")
 
 
-def resume_args(args: argparse.Namespace) -> tuple[ExperimentConfig, dict[str, Any]]:
-    """The run's own config (plus the flags that may change on resume) and its checkpoint."""
+def resume_args(args: argparse.Namespace) -> tuple[ExperimentConfig, dict[str, Any] | None]:
+    """The run's own config (plus the flags that may change on resume) and its checkpoint, or None
+    when the run stopped before writing one: then it can only be redone, with the same settings."""
     out = Path(args.resume)
     flags = configuration.flags_given(args)
     fixed = sorted(set(flags) - set(RESUMABLE) - {"out"})
@@ -64,6 +67,8 @@ def resume_args(args: argparse.Namespace) -> tuple[ExperimentConfig, dict[str, A
         raise ConfigError(f"{out} holds no run (no config.json)")
     saved = json.loads((out / "config.json").read_text())
     cfg = configuration.apply(ExperimentConfig(), {**saved, **flags, "out": str(out)}, f"{out}/config.json")
+    if not (out / checkpoint.FILE).exists():
+        return cfg, None
     try:
         state = checkpoint.load(out)
     except checkpoint.CheckpointError as exc:
@@ -77,12 +82,41 @@ def resume_args(args: argparse.Namespace) -> tuple[ExperimentConfig, dict[str, A
 
 
 def gpus_per_client(cfg: ExperimentConfig) -> float:
-    """``-1`` means: none on a CPU-only run, else a quarter of a GPU (four clients share one)."""
+    """``-1`` means: none on a CPU-only run; on a GPU a whole one per worker when cohorts train
+    batched (one fat worker per GPU), else a quarter (four clients share one)."""
     if cfg.num_gpus_per_client >= 0:
         return cfg.num_gpus_per_client
     from fedsam.runtime import resolve_device
 
-    return 0.0 if resolve_device(cfg.device).type == "cpu" else 0.25
+    if resolve_device(cfg.device).type == "cpu":
+        return 0.0
+    from simulations.experiment import trains_batched
+
+    return 1.0 if trains_batched(cfg) else 0.25
+
+
+def ray_workers(cfg: ExperimentConfig) -> int:
+    """How many ClientApp actors Ray can run at once with these resources: this machine's cores and
+    GPUs for a local Ray, the cluster's once it is up for ``--ray-address``."""
+    import os
+
+    import torch
+
+    cpus, gpus = float(cfg.ray_num_cpus or os.cpu_count() or 1), float(torch.cuda.device_count())
+    if cfg.ray_address:  # the ServerApp starts beside Flower's ray.init: wait for it, then ask the cluster
+        import time
+
+        import ray
+
+        deadline = time.monotonic() + 120
+        while not ray.is_initialized() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if ray.is_initialized():
+            total = ray.cluster_resources()
+            cpus, gpus = total.get("CPU", cpus), total.get("GPU", 0.0)
+    by_cpu = int(cpus // cfg.num_cpus_per_client)
+    share = gpus_per_client(cfg)
+    return max(1, min(by_cpu, int(gpus // share)) if share > 0 else by_cpu)
 
 
 def backend_config(cfg: ExperimentConfig, verbose: bool) -> dict[str, Any]:
@@ -146,11 +180,19 @@ def simulate(cfg: ExperimentConfig, out: Path, verbose: bool = False, **experime
 
     @server_app.main()
     def main(grid: Grid, context: Any) -> None:
-        summary.update(run_experiment(grid, cfg, out, echo=True, **experiment_kwargs))
+        summary.update(run_experiment(grid, cfg, out, echo=True, available_workers=ray_workers(cfg),
+                                      **experiment_kwargs))
 
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.num_clients,
                    backend_config=backend_config(cfg, verbose), verbose_logging=verbose)
     return summary
+
+
+def fresh_out(out: Path) -> None:
+    """A new run needs a folder without one; say how to go on with the run that is there."""
+    if found := holds_a_run(out):
+        raise ConfigError(f"--out {out} already holds a run ({found}); continue it with "
+                          f"fedsam run --resume {out}, or choose another folder")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
             checked = check(cfg)
         else:
             cfg = resolve_args(args)
+            fresh_out(Path(cfg.out))
             checked = check(cfg, Path(cfg.out))
         if cfg.ray_address:
             cfg = dataclasses.replace(cfg, ray_address=check_reachable(cfg.ray_address))
@@ -168,10 +211,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     out = Path(cfg.out)
     if state is None:
+        if args.resume:
+            sys.stderr.write(f"fedsam run: {out} has no checkpoint yet; starting its run again from round 1 "
+                             "with its saved settings\n")
         write_run_files(checked, out)
     else:
         configuration.write_json(cfg, out / "config.json")  # --rounds or resources may have changed
-        (out / "summary.json").unlink(missing_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
     print(f"fedsam run → {out}: {cfg.strategy} with {cfg.optimizer} on {cfg.model}, {cfg.dataset} "
           f"{cfg.partition_spec().describe()}, {cfg.num_clients} clients ({cfg.clients_per_round} per round), "
           f"{cfg.rounds} rounds, seed {cfg.seed}"
@@ -192,4 +238,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"done in {summary['wall_seconds']:.1f} s · final test accuracy {summary['final_test_accuracy']:.4f} · "
           f"best {summary['best_test_accuracy']:.4f} (round {summary['best_round']})")
     print(f"results in {out}/: config.json partition.json metrics.jsonl summary.json model.pt accuracy.png")
+    if summary["failed_client_rounds"]:  # never a bare "done" over rounds that lost clients
+        reason, count = next(iter(summary["failure_reasons"].items()))
+        print(f"warning: {summary['failed_client_rounds']} client-round(s) failed and were left out of their "
+              f"rounds' averages; most often ({count}x): {reason}")
     return 0

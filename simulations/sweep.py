@@ -45,7 +45,7 @@ from typing import Any
 
 from simulations import checkpoint
 from simulations import config as configuration
-from simulations.cli import UsageError
+from simulations.cli import UsageError, run_command
 from simulations.config import ConfigError, ExperimentConfig
 from simulations.experiment import check
 from simulations.presets import PRESETS
@@ -199,19 +199,9 @@ def command(cfg: ExperimentConfig, ray_cpus: int, resume: bool = False) -> list[
     """The ``fedsam run`` argv: every setting, or with ``resume`` only those a resumed run may change
     (it keeps its own config.json for the rest)."""
     values = dataclasses.asdict(dataclasses.replace(cfg, ray_num_cpus=ray_cpus))
-    argv = [sys.executable, "-m", "simulations", "run"]
     if resume:
-        argv += ["--resume", cfg.out]
-        values = {name: values[name] for name in RESUMABLE}
-    for name, value in values.items():
-        if value is None:
-            continue
-        flag = f"--{configuration.key(name)}"
-        if isinstance(value, bool):
-            argv.append(flag if value else f"--no-{configuration.key(name)}")
-        else:
-            argv += [flag, str(value)]
-    return argv
+        values = {"resume": cfg.out, **{name: values[name] for name in RESUMABLE}}
+    return run_command(values)
 
 
 def start_run(cfg: ExperimentConfig, ray_cpus: int, log: Any, resume: bool = False) -> subprocess.Popen:

@@ -22,6 +22,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.supercore import log
 
+from fedsam import wire
+
 from .sampling import ClientSampler, NodeSetupError, query_partition_ids
 
 
@@ -52,9 +54,12 @@ class SeededRounds:
     """
 
     def _init_rounds(self, num_clients: int, clients_per_round: int, seed: int, sampling: str,
-                     lr_decay: float, query_timeout: float) -> None:
+                     lr_decay: float, query_timeout: float, workers: int | None = None) -> None:
         if not 0 < lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
         self.sampler = ClientSampler(num_clients, clients_per_round, seed, sampling)
         self.lr_decay = lr_decay
         self.query_timeout = query_timeout
@@ -63,6 +68,8 @@ class SeededRounds:
         self.current_arrays: ArrayRecord | None = None
         self.round_lr: float | None = None
         self.failures: list[tuple[int, str]] = []  # (partition id, reason) of the last round
+        self.sent: dict[int, list[int]] = {}  # node id -> the partitions its message of this round trains
+        self.answered: set[int] = set()  # partitions of this round that replied, successfully or not
 
     def checkpoint_state(self) -> dict[str, Any]:
         """What must survive a restart besides the global model (sampling and the lr schedule are
@@ -86,9 +93,6 @@ class SeededRounds:
                 raise NodeSetupError(f"no node holds partition ids {missing[:10]} (expected 0..{wanted - 1})")
         return self.node_of
 
-    def partition_of(self, reply: Message) -> int:
-        return self.partition_of_node[reply.metadata.src_node_id]
-
     def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         """The config sent this round: the caller's, plus the round number and its local lr."""
         out = ConfigRecord(dict(config))
@@ -103,17 +107,56 @@ class SeededRounds:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        """One message per sampled client; with ``workers``, one per cohort of clients (``fedsam.wire``)."""
         self.current_arrays = arrays
         node_of = self._nodes(grid)
         content = self.round_content(server_round, arrays, config)
-        return [Message(content, dst_node_id=node_of[pid], message_type=MessageType.TRAIN)
-                for pid in self.sampler.sample(server_round)]
+        sampled = self.sampler.sample(server_round)
+        if self.workers is None:
+            self.sent = {node_of[pid]: [pid] for pid in sampled}
+            return [Message(content, dst_node_id=node_of[pid], message_type=MessageType.TRAIN) for pid in sampled]
+        messages = []
+        self.sent = {}
+        for cohort in wire.split(sampled, self.workers):
+            cohort_config = ConfigRecord(dict(content["config"]))
+            cohort_config[wire.PARTITION_IDS] = cohort
+            cohort_content = RecordDict(dict(content.items()))
+            cohort_content["config"] = cohort_config
+            self.sent[node_of[cohort[0]]] = cohort
+            messages.append(Message(cohort_content, dst_node_id=node_of[cohort[0]], message_type=MessageType.TRAIN))
+        return messages
+
+    def sent_partitions(self) -> list[int]:
+        """Every client sent a message this round, in partition order."""
+        return sorted(pid for cohort in self.sent.values() for pid in cohort)
+
+    def client_replies(self, replies: Iterable[Message]) -> list[tuple[int, Message]]:
+        """``(partition id, reply)`` per client sent this round, in partition order: cohort replies
+        unpacked; a cohort that failed as a whole, or answered without its clients' results,
+        standing as a failure for each of its clients. Nothing outside what was sent is taken."""
+        out = []
+        for reply in replies:
+            sent = self.sent.get(reply.metadata.src_node_id)
+            if sent is None:
+                continue  # no message of this round went to that node
+            if wire.is_cohort_reply(reply):
+                unpacked = wire.unpack(reply)
+                out.extend((pid, unpacked[pid] if pid in unpacked else
+                            wire.failure(reply, f"the cohort reply has no result for client {pid}")) for pid in sent)
+            elif reply.has_error() or self.workers is None:
+                out.extend((pid, reply) for pid in sent)
+            else:  # a ClientApp that ignored the cohort: its one result is no particular client's
+                out.extend((pid, wire.failure(reply, "the worker answered a cohort message without a cohort reply "
+                                                     "(a ClientApp other than fedsam's?)")) for pid in sent)
+        return sorted(out, key=lambda pair: pair[0])
 
     def usable_replies(self, replies: Iterable[Message]) -> list[Message]:
-        """Replies that carry finite arrays, in partition order; the rest go to ``self.failures``."""
+        """Replies that carry finite arrays, one per client in partition order; the rest go to
+        ``self.failures``."""
         usable, self.failures = [], []
-        for reply in sorted(replies, key=self.partition_of):
-            pid = self.partition_of(reply)
+        pairs = self.client_replies(replies)
+        self.answered = {pid for pid, _ in pairs}
+        for pid, reply in pairs:
             if reply.has_error():
                 self.failures.append((pid, reply.error.reason or f"error code {reply.error.code}"))
             elif not all(_is_finite(r) for r in reply.content.array_records.values()):
@@ -161,16 +204,22 @@ class FedAvg(SeededRounds, FlowerFedAvg):
     ``num_clients`` is the number of partitions (SuperNodes); each round ``clients_per_round``
     of them train (``sampling="bernoulli"``: each with probability clients_per_round/num_clients).
     The train config's ``lr`` is the round-1 local lr.
+
+    ``workers``: ``None`` sends one message per client (the Deployment Engine: one client per
+    node). A number groups each round's clients into that many cohorts, one message each, so a
+    simulation's workers each train several clients per call (``fedsam.wire``); every
+    node of a simulation holds the whole dataset, so any node can train any partition.
     """
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
-                 server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0) -> None:
+                 server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0,
+                 workers: int | None = None) -> None:
         if not (server_lr > 0 and math.isfinite(server_lr)):
             raise ValueError(f"server_lr must be > 0, got {server_lr}")
         super().__init__(fraction_train=clients_per_round / num_clients, fraction_evaluate=0.0,
                          min_train_nodes=1, min_evaluate_nodes=0, min_available_nodes=num_clients,
                          train_metrics_aggr_fn=aggregate_train_metrics)
-        self._init_rounds(num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout)
+        self._init_rounds(num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers)
         self.server_lr = server_lr
 
     def summary(self) -> None:

@@ -20,12 +20,12 @@ class FedAvgM(SeededRounds, FlowerFedAvgM):
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
                  server_lr: float = 1.0, server_momentum: float = 0.9, lr_decay: float = 1.0,
-                 query_timeout: float = 600.0) -> None:
+                 query_timeout: float = 600.0, workers: int | None = None) -> None:
         super().__init__(server_learning_rate=server_lr, server_momentum=server_momentum,
                          fraction_train=clients_per_round / num_clients, fraction_evaluate=0.0,
                          min_train_nodes=1, min_evaluate_nodes=0, min_available_nodes=num_clients,
                          train_metrics_aggr_fn=aggregate_train_metrics)
-        self._init_rounds(num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout)
+        self._init_rounds(num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers)
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Flower's server momentum ``v`` (``momentum_vector``), one array per model array."""

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from flwr.app import ConfigRecord
 
-from .fedavg import FedAvg
+from fedsam.optim import FEDERATED_RHO
 
-FEDERATED_RHO = 0.1
+from .fedavg import FedAvg
 
 
 def with_sam_defaults(config: ConfigRecord, optimizer: str, rho: float) -> ConfigRecord:
@@ -22,10 +22,23 @@ def with_sam_defaults(config: ConfigRecord, optimizer: str, rho: float) -> Confi
 
 
 class FedSAM(FedAvg):
-    """FedAvg whose clients default to SAM (``client_optimizer``, ``rho``)."""
+    """FedAvg whose clients default to SAM.
 
-    def __init__(self, *args, client_optimizer: str = "sam", rho: float = FEDERATED_RHO, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    Parameters
+    ----------
+    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers
+        As in ``FedAvg``.
+    client_optimizer : str (default: "sam")
+        The optimizer spec sent to clients when the train config names none.
+    rho : float (default: 0.1)
+        The perturbation radius sent with it, the federated SAM papers' value.
+    """
+
+    def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
+                 server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0,
+                 workers: int | None = None, client_optimizer: str = "sam", rho: float = FEDERATED_RHO) -> None:
+        super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, server_lr=server_lr,
+                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers)
         self.client_optimizer, self.rho = client_optimizer, rho
 
     def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:

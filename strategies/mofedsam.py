@@ -18,25 +18,38 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from .fedavg import FedAvg
-from .fedsam import FEDERATED_RHO, with_sam_defaults
+from fedsam.optim import FEDERATED_RHO
+
+from .fedsam import FedSAM
 
 
-class MoFedSAM(FedAvg):
-    """FedAvg plus global momentum; ``alpha`` is the weight of the local SAM gradient.
+class MoFedSAM(FedSAM):
+    """FedSAM plus global momentum.
 
-    ``parameter_keys`` names the arrays that are trainable parameters (buffers such as
-    BatchNorm statistics get no momentum); ``None`` means every floating-point array.
+    Parameters
+    ----------
+    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers
+        As in ``FedAvg``.
+    client_optimizer, rho
+        As in ``FedSAM``: SAM with ρ = 0.1 unless the train config names an optimizer.
+    alpha : float (default: 0.1)
+        The weight of the local SAM gradient in ``v = α g + (1 − α) m``; in (0, 1].
+    parameter_keys : list[str] | None (default: None)
+        The arrays that are trainable parameters (buffers such as BatchNorm statistics get no
+        momentum); ``None`` means every floating-point array.
     """
 
-    def __init__(self, *args, alpha: float = 0.1, parameter_keys: list[str] | None = None,
-                 client_optimizer: str = "sam", rho: float = FEDERATED_RHO, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
+                 server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0,
+                 workers: int | None = None, client_optimizer: str = "sam", rho: float = FEDERATED_RHO,
+                 alpha: float = 0.1, parameter_keys: list[str] | None = None) -> None:
+        super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, server_lr=server_lr,
+                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers,
+                         client_optimizer=client_optimizer, rho=rho)
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.alpha = alpha
         self.parameter_keys = parameter_keys
-        self.client_optimizer, self.rho = client_optimizer, rho
         self.momentum: ArrayRecord | None = None  # m_t; None until round 1 is aggregated
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -47,7 +60,7 @@ class MoFedSAM(FedAvg):
         self.momentum = None if momentum is None else ArrayRecord(dict(momentum))
 
     def round_content(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
-        config = with_sam_defaults(self.round_config(server_round, config), self.client_optimizer, self.rho)
+        config = self.round_config(server_round, config)  # FedSAM's: SAM unless told otherwise
         content = RecordDict({"arrays": arrays, "config": config})
         if self.momentum is None:
             config["momentum-alpha"] = 1.0

@@ -60,25 +60,25 @@ class InProcessGrid(Grid):
         replies = []
         for message in messages:
             self.delivered.append(message)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # a client gets one core, as a Ray actor with --num-cpus-per-client 1
             try:
                 reply = self.app(message, self.contexts[message.metadata.dst_node_id])
             except Exception as exc:  # noqa: BLE001 - Flower turns ClientApp exceptions into error replies
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
                                 reply_to=message)
+            finally:
+                torch.set_num_threads(threads)
             replies.append(reply)
         return replies
 
 
 def run_inprocess(cfg, grid=None, **kwargs):
-    """The run in this process, one thread per client as under Ray with --num-cpus-per-client 1."""
+    """The run in this process: clients on one thread each (see ``InProcessGrid``) and the server's
+    evaluation on all of them, as ``fedsam run`` does under Ray with --num-cpus-per-client 1."""
     out = Path(cfg.out)
     checked = check(cfg, None if kwargs.get("resume") else out)
     if not kwargs.get("resume"):
         write_run_files(checked, out)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run_experiment(grid or InProcessGrid(app, cfg.num_clients), cfg, out, data=checked.data, echo=False,
-                              **kwargs)
-    finally:
-        torch.set_num_threads(threads)
+    return run_experiment(grid or InProcessGrid(app, cfg.num_clients), cfg, out, data=checked.data, echo=False,
+                          **kwargs)

@@ -13,7 +13,7 @@ from tests.synthetic import write_cifar10
 
 @pytest.fixture
 def world(tmp_path, cifar10_dir, monkeypatch):
-    """Data, a corrupt copy, config files, a finished run and a run without a checkpoint."""
+    """Data, a corrupt copy, config files, a finished run, a run with a broken checkpoint and a plain file."""
     import simulations.run
     import simulations.sweep
 
@@ -33,6 +33,8 @@ def world(tmp_path, cifar10_dir, monkeypatch):
     unresumable = tmp_path / "unresumable"
     unresumable.mkdir()
     (unresumable / "config.json").write_text('{"dataset": "cifar10"}\n')
+    (unresumable / "checkpoint.pt").write_bytes(b"half a checkpoint")
+    (tmp_path / "a-file").write_text("not a folder\n")
     (tmp_path / "garbage.toml").write_bytes(b"\xff\xfe\x00 = = =")
     (tmp_path / "unknown.toml").write_text('rounds = 3\nlearning_rate = 0.1\n')
     (tmp_path / "empty").mkdir()
@@ -61,6 +63,7 @@ CASES = [
     (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--min-successful-clients", "6"], "above clients-per-round"),
     (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--num-clients", "5000"], "5000 clients but only 1000"),
     (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--rounds", "1.5"], "invalid int value"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--seed", "-1"], "seed must be >= 0, got -1"),
     # missing or corrupt data
     (["run", "--data-dir", "{tmp}/nowhere", "--out", "{tmp}/o"], "CIFAR-10 not found"),
     (["run", "--data-dir", "{corrupt}", "--out", "{tmp}/o"], "corrupt CIFAR-10 file"),
@@ -70,9 +73,12 @@ CASES = [
      "unknown setting 'learning_rate'"),
     (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--config", "{tmp}/none.toml"], "does not exist"),
     # resume and --out
-    (["run", "--resume", "{unresumable}"], "has no checkpoint"),
+    (["run", "--resume", "{unresumable}"], "is not a readable checkpoint"),
     (["run", "--resume", "{tmp}/empty"], "holds no run"),
-    (["run", "--data-dir", "{data}", "--out", "{finished}"], "already holds a run"),
+    (["run", "--data-dir", "{data}", "--out", "{finished}"], "already holds a run (config.json); continue it with "
+                                                             "fedsam run --resume {finished}"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/a-file"], "a-file is a file, not a folder"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/a-file/run"], "a-file is a file, not a folder"),
     (["run", "--resume", "{finished}", "--strategy", "fedavg"], "--strategy cannot change"),
     # fedsam partition
     (["partition", "--data-dir", "{data}", "--out", "{tmp}/p", "--partition", "pathological",
@@ -105,7 +111,7 @@ def test_bad_invocation(world, capsys, argv, fragment):
     code, _, stderr = run_cli([a.format(**world) for a in argv], capsys)
     assert code == 2, stderr
     assert stderr.count("\n") == 1 and stderr.startswith(f"fedsam {argv[0]}: error:"), stderr
-    assert fragment in stderr and "Traceback" not in stderr
+    assert fragment.format(**world) in stderr and "Traceback" not in stderr
     assert not ray.is_initialized()
     assert _snapshot(world["finished"]) == before
 

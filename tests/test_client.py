@@ -98,3 +98,17 @@ def test_node_data_dir_overrides_the_message(cifar10_dir, tmp_path):
     config["data-dir"] = str(tmp_path / "elsewhere")
     reply = app(_message(config, build_model("cnn", 10)), _context(0, **{"data-dir": str(cifar10_dir)}))
     assert "num-examples" in reply.content["metrics"]
+
+
+def test_a_misspelt_key_in_a_train_message_is_an_error_that_names_it(cifar10_dir):
+    config = _config(cifar10_dir)
+    config["weight-decy"] = 5e-4
+    with pytest.raises(ValueError, match="unknown key 'weight-decy'"):  # Flower sends it back as the error reply
+        app(_message(config, build_model("cnn", 10)), _context(1))
+
+
+def test_every_key_the_server_sends_is_one_the_client_knows(cifar10_dir):
+    from fedsam.wire import TRAIN_CONFIG_KEYS
+
+    for strategy in ("fedavg", "fedsam", "mofedsam", "fedavgm"):
+        assert set(_config(cifar10_dir, strategy=strategy, rho=0.2, eta=0.1).keys()) <= TRAIN_CONFIG_KEYS

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -145,6 +144,8 @@ def test_a_client_that_raises_is_left_out_and_recorded(cifar10_dir, tmp_path, fa
     assert [r["failed_clients"] for r in records] == [0, 1, 0, 0]
     assert records[1]["failures"][0]["client"] == 1 and "out of memory" in records[1]["failures"][0]["reason"]
     assert summary["rounds"] == 4
+    assert summary["failed_client_rounds"] == 1  # the summary says what the rounds lost, and why
+    assert list(summary["failure_reasons"].values()) == [1] and "out of memory" in next(iter(summary["failure_reasons"]))
 
 
 def test_a_client_that_returns_nan_is_left_out_and_recorded(cifar10_dir, tmp_path, faults):
@@ -204,6 +205,8 @@ def test_failing_client_through_ray(cifar10_dir, tmp_path):
     assert first["failed_clients"] == 1 and first["failures"][0]["client"] == 0
     assert "out of memory" in first["failures"][0]["reason"] and second["failed_clients"] == 0
     assert "1 client(s) failed" in proc.stdout
+    last = proc.stdout.strip().splitlines()[-1]  # never a bare "done"
+    assert last.startswith("warning: 1 client-round(s) failed") and "out of memory" in last
 
 
 def test_resume_keeps_the_runs_settings(cifar10_dir, tmp_path, capsys):
@@ -215,6 +218,61 @@ def test_resume_keeps_the_runs_settings(cifar10_dir, tmp_path, capsys):
     assert code == 2 and "is finished (2 of 2 rounds); pass --rounds N to extend it" in err
     code, _, err = run_cli(["run", "--resume", tmp_path / "nothing"], capsys)
     assert code == 2 and "holds no run" in err
-    (out / "checkpoint.pt").unlink()
+    (out / "checkpoint.pt").write_bytes(b"half a checkpoint")
     code, _, err = run_cli(["run", "--resume", out, "--rounds", "3"], capsys)
-    assert code == 2 and "has no checkpoint" in err
+    assert code == 2 and "is not a readable checkpoint" in err
+
+
+@pytest.fixture
+def inprocess_simulate(monkeypatch):
+    """``fedsam run`` with the in-process grid in place of Ray."""
+    import simulations.run
+    from simulations.experiment import run_experiment
+
+    def simulate(cfg, out, verbose=False, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as run_inprocess: one thread per client, as under Ray
+        try:
+            return run_experiment(InProcessGrid(app, cfg.num_clients), cfg, out, echo=False, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    monkeypatch.setattr(simulations.run, "simulate", simulate)
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_redone_by_resume(cifar10_dir, tmp_path, capsys,
+                                                                      inprocess_simulate):
+    out = tmp_path / "run"
+    argv = ["run", "--data-dir", cifar10_dir, "--out", out, "--num-clients", 2, "--clients-per-round", 1,
+            "--rounds", 2, "--device", "cpu", "--batch-size", 32]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    reference, model = _metrics(out), torch.load(out / "model.pt")
+    # what a kill in round 2 leaves with --checkpoint-every 10: settings and one round, no checkpoint
+    for name in ("checkpoint.pt", "summary.json", "model.pt", "accuracy.png"):
+        (out / name).unlink()
+    (out / "metrics.jsonl").write_text(json.dumps(reference[0]) + "\n")
+
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and f"already holds a run (config.json); continue it with fedsam run --resume {out}" in err
+    code, stdout, err = run_cli(["run", "--resume", out], capsys)
+    assert code == 0, err
+    assert err.count("\n") == 1 and "has no checkpoint yet; starting its run again from round 1" in err
+    assert _without_timing(_metrics(out)) == _without_timing(reference)
+    again = torch.load(out / "model.pt")
+    assert all(torch.equal(again[k], model[k]) for k in model)
+
+
+def test_config_json_holds_an_absolute_data_dir_so_the_run_works_from_anywhere(cifar10_dir, tmp_path, capsys,
+                                                                                 monkeypatch, inprocess_simulate):
+    out = tmp_path / "run"
+    monkeypatch.chdir(cifar10_dir.parent)
+    code, _, err = run_cli(["run", "--data-dir", cifar10_dir.name, "--out", out, "--num-clients", 2,
+                            "--clients-per-round", 1, "--rounds", 1, "--device", "cpu"], capsys)
+    assert code == 0, err
+    saved = json.loads((out / "config.json").read_text())["data-dir"]
+    assert saved == str(cifar10_dir.resolve())
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = run_cli(["sharpness", out / "model.pt", "--samples", 32, "--iters", 2, "--device", "cpu"],
+                                capsys)
+    assert code == 0 and "λ_max" in stdout, err

@@ -278,3 +278,37 @@ def test_report_on_a_folder_without_runs(tmp_path, capsys):
     assert code == 2 and stderr.count("\n") == 1 and "holds no runs" in stderr
     code, _, stderr = run_cli(["report", tmp_path / "missing"], capsys)
     assert code == 2 and "is not a folder" in stderr
+
+
+def test_a_corrupt_metrics_line_is_skipped_with_a_warning_not_the_end_of_the_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"strategy": "fedavg", "optimizer": "sgd", "seed": 0}))
+    lines = [json.dumps({"round": r, "test_accuracy": r / 20}) for r in range(1, 21)]
+    lines[4] = lines[4][:9]  # round 5: a torn line
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (run / "summary.json").write_text(json.dumps({"final_test_accuracy": 1.0, "best_test_accuracy": 1.0,
+                                                  "wall_seconds": 1.0}))
+    code, _, stderr = run_cli(["report", run], capsys)
+    assert code == 0
+    assert stderr.count("\n") == 1 and f"{run / 'metrics.jsonl'}:5" in stderr and "skipped" in stderr
+    record = next(csv.DictReader(open(run / "report.csv")))
+    assert float(record["last10_mean"]) == pytest.approx((19 + 20) / 40)  # rounds after the bad line count
+    assert float(record["rounds_to_target_mean"]) == 16  # the default target: 80% of the final 1.0
+
+
+def test_a_sweep_with_a_relative_data_dir_finds_its_finished_runs_again(cifar10_dir, tmp_path, monkeypatch):
+    """config.json holds the data-dir absolute; the sweep's plan must agree, or its runs look stale."""
+    from simulations import sweep
+    from simulations.cli import build_parser
+
+    monkeypatch.chdir(cifar10_dir.parent)
+    args = build_parser().parse_args(["sweep", "--out", str(tmp_path / "s"), "--data-dir", cifar10_dir.name,
+                                      "--vary", "lr=0.1"])
+    (planned,) = sweep.plan(args, tmp_path / "s")
+    out = tmp_path / "s" / planned.name
+    out.mkdir(parents=True)
+    configuration.write_json(planned.cfg, out / "config.json")
+    (out / "summary.json").write_text("{}")
+    assert json.loads((out / "config.json").read_text())["data-dir"] == str(cifar10_dir.resolve())
+    assert sweep.state_of(planned) == ("done", "")

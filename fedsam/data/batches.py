@@ -90,9 +90,9 @@ class DeviceBatches:
         """``draw_epoch``'s tensors on the training device, moved in one copy."""
         order, offsets, flips = self.draw_epoch()
         if offsets is None:
-            return order.to(self.device), None, None
+            return to_device(order, self.device), None, None
         n = len(order)
-        moved = torch.cat([order, offsets.flatten(), flips.long()]).to(self.device)
+        moved = to_device(torch.cat([order, offsets.flatten(), flips.long()]), self.device)
         return moved[:n], moved[n:3 * n].view(n, 2), moved[3 * n:].bool()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -106,6 +106,14 @@ class DeviceBatches:
             x = x.to(self.dtype).mul_(self.scale).sub_(self.shift)
             yield x.contiguous(memory_format=self.memory_format), self.labels[idx]
 
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device`` without making the host wait for the GPU's queue (pinned memory,
+    asynchronous copy); the pinned allocator keeps the buffer until the copy has run."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @lru_cache(maxsize=16)

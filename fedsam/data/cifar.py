@@ -11,6 +11,7 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,10 +80,43 @@ def _missing(layout: Layout, folder: Path) -> list[str]:
     return [name for name in wanted if not (folder / name).is_file()]
 
 
+# What a CIFAR batch pickle may name: a numpy array's reconstruction (numpy 1 and numpy 2 module
+# names), and the bytes helper Python 3 writes at pickle protocol 2. Anything else in such a file
+# can only be an attempt to run code.
+ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: a run folder's data-dir may come from anyone."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise _Refused(f"refused global {module}.{name}")
+        if name == "_reconstruct":  # either module name, resolved for the numpy installed
+            try:
+                from numpy._core.multiarray import _reconstruct
+            except ImportError:  # numpy 1
+                from numpy.core.multiarray import _reconstruct
+            return _reconstruct
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path, title: str) -> dict:
     try:
         with open(path, "rb") as f:
-            content = pickle.load(f, encoding="latin1")
+            content = _BatchUnpickler(f, encoding="latin1").load()
+    except _Refused as exc:
+        raise DataError(f"unsafe {title} file {path}: {exc} (these files hold only arrays, lists and strings)") from None
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle means a bad file
         raise DataError(f"corrupt {title} file {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(content, dict):

@@ -3,11 +3,12 @@
 from .base import PerturbThenDescend
 from .batchnorm import FirstPassStats, batchnorm_layers, frozen_running_stats
 from .fgsm import FGSMSAM, l2_equivalent_rho
-from .registry import BUILTIN, OptimizerSpecError, build, names, portable_spec, register, resolve, restart
+from .registry import BUILTIN, FEDERATED_RHO, OptimizerSpecError, build, names, portable_spec, register, resolve, restart
 from .sam import SAM
 
 __all__ = [
     "BUILTIN",
+    "FEDERATED_RHO",
     "FGSMSAM",
     "FirstPassStats",
     "OptimizerSpecError",

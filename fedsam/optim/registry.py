@@ -38,9 +38,14 @@ def sgd(params: Iterable, lr: float = 0.01, momentum: float = 0.0, weight_decay:
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
 
 
+#: The federated SAM papers' radius (FedSAM, MoFedSAM, Caldarola et al.): what SAM gets under a
+#: SAM strategy unless ρ is given. Plain ``sam`` keeps Foret et al.'s 0.05.
+FEDERATED_RHO = 0.1
+
+
 def sam(params: Iterable, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0,
         rho: float = 0.05) -> SAM:
-    """SAM over SGD (ρ = 0.05 as in the paper; the federated papers use 0.1)."""
+    """SAM over SGD (ρ = 0.05 as in the paper; the federated papers use ``FEDERATED_RHO``)."""
     return SAM(params, torch.optim.SGD, rho=rho, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
