@@ -112,21 +112,6 @@ def partition_of(context: Context, config: ConfigRecord) -> tuple[int, str]:
     return pid, str(context.node_config.get("data-dir", config["data-dir"]))
 
 
-def optimizer_options(config: ConfigRecord, partition_id: int) -> dict:
-    """What ``fedsam.optim.build`` passes on to a factory that names it in its signature."""
-    return {
-        "partition_id": partition_id,
-        "server_round": int(config["server-round"]),
-        "lr": float(config["lr"]),
-        "momentum": float(config.get("momentum", 0.0)),
-        "weight_decay": float(config.get("weight-decay", 0.0)),
-        "rho": config.get("rho"),
-        "eta": config.get("eta"),
-        "steps": config.get("fgsm-steps"),
-        "ascent_momentum": config.get("ascent-momentum"),
-    }
-
-
 def partition_spec(config: ConfigRecord) -> PartitionSpec:
     return PartitionSpec(str(config["partition"]), int(config["num-clients"]), int(config["seed"]),
                          float(config["dirichlet-alpha"]), int(config["classes-per-client"]))
@@ -192,7 +177,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
     if use_batched(vectorize, spec, model, device, len(partition_ids)):
         try:
             model.load_state_dict(start)
-            trained = train_cohort(model, spec, optimizer_options(config, partition_ids[0]),
+            trained = train_cohort(model, spec, wire.optimizer_options(config, partition_ids[0]),
                                    [batches(pid) for pid in partition_ids], epochs, **knobs)
             return {pid: (ArrayRecord(state), metric_record(result))
                     for pid, (state, result) in zip(partition_ids, trained)}
@@ -207,7 +192,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
         try:
             torch.manual_seed(seeds[pid])
             model.load_state_dict(start)
-            optimizer = local_optimizer(model, spec, optimizer_options(config, pid))
+            optimizer = local_optimizer(model, spec, wire.optimizer_options(config, pid))
             result = train_locally(model, optimizer, batches(pid), epochs, num_examples=len(parts[pid]), **knobs)
             out[pid] = (ArrayRecord(model.state_dict()), metric_record(result))
         except Exception as exc:  # noqa: BLE001 - one client's failure, reported for that client

@@ -50,6 +50,22 @@ def check_train_config(keys: Iterable[str]) -> None:
                          f"(known: {', '.join(sorted(TRAIN_CONFIG_KEYS))})")
 
 
+def optimizer_options(config: ConfigRecord, partition_id: int) -> dict:
+    """The optimizer options a train message's config stands for: what ``fedsam.optim.build``
+    passes on to a factory that names them (the server builds its check optimizer from them too)."""
+    return {
+        "partition_id": partition_id,
+        "server_round": int(config["server-round"]),
+        "lr": float(config["lr"]),
+        "momentum": float(config.get("momentum", 0.0)),
+        "weight_decay": float(config.get("weight-decay", 0.0)),
+        "rho": config.get("rho"),
+        "eta": config.get("eta"),
+        "steps": config.get("fgsm-steps"),
+        "ascent_momentum": config.get("ascent-momentum"),
+    }
+
+
 def split(partition_ids: list[int], workers: int) -> list[list[int]]:
     """``workers`` cohorts of near-equal size, dealt round-robin from the sorted ids."""
     ordered = sorted(partition_ids)

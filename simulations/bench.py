@@ -12,7 +12,7 @@
 (e) on a GPU: rounds of the FL-Simulator MoFedSAM setting (ResNet-18-GN, 10 clients x 5 epochs
     x 500 images, batch 50) through ``fedsam run``, with batched cohorts on and off;
 (f) batched cohorts against one client at a time, each eager and as CUDA graphs, for cohorts of
-    1, 10 and 100 CNN clients and 1 and 10 ResNet-18-GN clients, plus the FL-Simulator round's
+    1, 5, 10 and 100 CNN clients and 1 and 10 ResNet-18-GN clients, plus the FL-Simulator round's
     client work (``simulations.cohort_bench``, which runs without Flower too).
 
 Every figure is the median of ``--repeats`` runs after a warm-up. The table goes to stdout, the
@@ -176,7 +176,8 @@ def throughput(device: torch.device, quick: bool, repeats: int, data_dir: str | 
 def plain_loop(cfg, data, rounds: int) -> list[float]:
     """The same client work as ``fedsam run``, without Flower or Ray: per round, each sampled
     client trains on its partition with the same seeds, then an example-weighted average."""
-    from fedsam.client_app import client_indices, device_data, local_optimizer, optimizer_options
+    from fedsam.client_app import client_indices, device_data, local_optimizer
+    from fedsam.wire import optimizer_options
     from fedsam.runtime import round_seed
     from fedsam.train import evaluate
     from strategies import ClientSampler

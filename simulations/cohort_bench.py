@@ -4,7 +4,7 @@ Two settings, each run both ways on the same data, seeds and steps:
 
 - the FL-Simulator MoFedSAM round: ResNet-18 (ImageNet stem, GroupNorm(2)), 10 clients x 5 epochs
   x 500 images, batch 50, SAM ρ = 0.1, MoFedSAM's mix (α = 0.1), clipping at 10, weight decay 1e-3;
-- a cohort-size sweep: 1, 10 and 100 clients of the CNN (batch 32, one epoch of 50 images each),
+- a cohort-size sweep: 1, 5, 10 and 100 clients of the CNN (batch 32, one epoch of 50 images each),
   and 1 and 10 clients of ResNet-18-GN (one epoch of 500 images at batch 50).
 
 Only the clients' training is timed (from the global weights to each client's trained weights),
@@ -131,7 +131,7 @@ def fl_simulator_round(device: torch.device, repeats: int) -> dict[str, Any]:
 
 def cohort_sweep(device: torch.device, repeats: int, quick: bool = False) -> Iterator[dict[str, Any]]:
     """One row per cohort size, as each finishes."""
-    settings = [("cnn", n, 50, 32) for n in ((1, 10) if quick else (1, 10, 100))]
+    settings = [("cnn", n, 50, 32) for n in ((1, 5) if quick else (1, 5, 10, 100))]
     if not quick:
         settings += [("resnet18", n, 500, 50) for n in (1, 10)]
     variants = VARIANTS if device.type == "cuda" else ("one_by_one", "batched")  # no CUDA graphs on a CPU
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="CNN cohorts of 1 and 10 only")
+    parser.add_argument("--quick", action="store_true", help="CNN cohorts of 1 and 5 only")
     parser.add_argument("--out", default="cohort-bench.json")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
     parser.add_argument("--profile", help="also profile one batched 100-client CNN round; kernel table to this file")

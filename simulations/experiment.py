@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from fedsam.client_app import optimizer_options
+from fedsam.wire import optimizer_options
 from fedsam.runtime import autocast_dtype, resolve_device
 from fedsam.data import DataError, DeviceBatches, ImageDataset, Partition, PartitionError, load, make_partition
 from fedsam.data import summarize, write_partition_json
@@ -31,6 +31,14 @@ from simulations.results import RunRecorder, holds_a_run
 from strategies import FedAvg, FedAvgM, FedSAM, MoFedSAM, NodeSetupError
 
 EVAL_BATCH = 1000
+
+
+#: How Ray reports a ClientApp worker process that died (killed, out of host memory, segfault).
+WORKER_DEATH = ("ActorDiedError", "RayActorError", "actor died")
+
+
+def worker_died(reason: str) -> bool:
+    return any(mark.lower() in reason.lower() for mark in WORKER_DEATH)
 
 
 class RunFailed(RuntimeError):
@@ -225,12 +233,29 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
                 "continues from it") if saved_round else "no checkpoint was written yet"
         return RunFailed(f"round {rnd}: {why}; {kept}")
 
+    def save(rnd: int, arrays: ArrayRecord, strategy_state: dict[str, Any], rng: torch.Tensor) -> None:
+        checkpoint.save(out, {
+            "round": rnd, "config": cfg.to_dict(), "arrays": arrays.to_torch_state_dict(),
+            "strategy": strategy_state, "records": recorder.records,
+            "torch_rng": rng, "elapsed": earlier_seconds + time.monotonic() - started,
+        })
+
     for rnd in range(first, cfg.rounds + 1):
         round_start = time.monotonic()
+        before = strategy.checkpoint_state(), torch.get_rng_state()  # the last good state, if a worker dies
         try:
             new_arrays, metrics, failures, cohort = _play_round(rnd, strategy, grid, arrays, train_config, cfg)
         except NodeSetupError as exc:
             raise RunFailed(f"round {rnd}, before training: {exc}") from None
+        dead = next((f for f in failures if worker_died(f["reason"])), None)
+        if dead is not None:  # Flower's engine never replaces it: every later round would lose its clients
+            if rnd > 1 and saved_round != rnd - 1:
+                save(rnd - 1, arrays, *before)
+            then = (f"`fedsam run --resume {out}` continues after round {rnd - 1} with fresh workers" if rnd > 1
+                    else f"`fedsam run --resume {out}` starts it again with fresh workers")
+            raise RunFailed(f"round {rnd}: a simulation worker died (client {dead['client']}: "
+                            f"{dead['reason'].splitlines()[0][:160]}), and the engine does not replace it; this "
+                            f"round was not recorded; {then}")
         succeeded = cohort - len(failures)
         needed = min(cfg.min_successful_clients, cohort)
         if new_arrays is None or succeeded < needed:
@@ -263,11 +288,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
         recorder.add(record)
         stopping = stop is not None and stop.is_set()
         if rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds or stopping:
-            checkpoint.save(out, {
-                "round": rnd, "config": cfg.to_dict(), "arrays": arrays.to_torch_state_dict(),
-                "strategy": strategy.checkpoint_state(), "records": recorder.records,
-                "torch_rng": torch.get_rng_state(), "elapsed": earlier_seconds + time.monotonic() - started,
-            })
+            save(rnd, arrays, strategy.checkpoint_state(), torch.get_rng_state())
             saved_round = rnd
         if stopping and rnd < cfg.rounds:
             return {"stopped_after": rnd}

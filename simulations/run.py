@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from fedsam.optim import BUILTIN
 from simulations import checkpoint
 from simulations import config as configuration
 from simulations.cli import UsageError
@@ -57,6 +58,7 @@ def resume_args(args: argparse.Namespace) -> tuple[ExperimentConfig, dict[str, A
     when the run stopped before writing one: then it can only be redone, with the same settings."""
     out = Path(args.resume)
     flags = configuration.flags_given(args)
+    confirmed = flags.pop("optimizer", None)  # restating a plug-in spec confirms it (below)
     fixed = sorted(set(flags) - set(RESUMABLE) - {"out"})
     if fixed or args.preset or args.config:
         what = fixed[0].replace("_", "-") if fixed else ("preset" if args.preset else "config")
@@ -66,6 +68,12 @@ def resume_args(args: argparse.Namespace) -> tuple[ExperimentConfig, dict[str, A
     if not (out / "config.json").is_file():
         raise ConfigError(f"{out} holds no run (no config.json)")
     saved = json.loads((out / "config.json").read_text())
+    spec = saved.get("optimizer")
+    if confirmed is not None and confirmed != spec:
+        raise ConfigError(f"--resume continues a run with its own settings; --optimizer cannot change ({spec!r})")
+    if spec is not None and spec not in BUILTIN and confirmed != spec:  # a folder from elsewhere runs no code unasked
+        raise ConfigError(f"{out}/config.json names the plug-in optimizer {spec!r}, which resuming imports and "
+                          f"calls; if you trust it, confirm with --optimizer '{spec}'")
     cfg = configuration.apply(ExperimentConfig(), {**saved, **flags, "out": str(out)}, f"{out}/config.json")
     if not (out / checkpoint.FILE).exists():
         return cfg, None
@@ -136,10 +144,25 @@ def backend_config(cfg: ExperimentConfig, verbose: bool) -> dict[str, Any]:
     }
 
 
-def quiet_flower(verbose: bool) -> None:
-    """Flower logs every message at INFO; our own progress lines say what a user needs."""
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+ENGINE_LOG = "engine.log"
+
+
+def quiet_flower(verbose: bool, out: Path) -> logging.Handler | None:
+    """Flower logs every message at INFO and a worker's death as a wall of tracebacks; our own
+    progress lines and one-line failures say what a user needs. Without ``--verbose`` Flower's
+    warnings and errors go to ``engine.log`` in the run folder instead of the terminal; the
+    handler returned is the caller's to remove."""
+    if verbose:
+        return None
+    logger = logging.getLogger("flwr")
+    logger.setLevel(logging.WARNING)
+    for handler in logger.handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.CRITICAL + 1)
+    file_handler = logging.FileHandler(out / ENGINE_LOG)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(file_handler)
+    return file_handler
 
 
 class StopOnInterrupt:
@@ -173,7 +196,7 @@ def simulate(cfg: ExperimentConfig, out: Path, verbose: bool = False, **experime
 
     from fedsam.client_app import app as client_app
 
-    quiet_flower(verbose)
+    engine_log = quiet_flower(verbose, out)
     warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
     summary: dict[str, Any] = {}
     server_app = ServerApp()
@@ -183,8 +206,13 @@ def simulate(cfg: ExperimentConfig, out: Path, verbose: bool = False, **experime
         summary.update(run_experiment(grid, cfg, out, echo=True, available_workers=ray_workers(cfg),
                                       **experiment_kwargs))
 
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.num_clients,
-                   backend_config=backend_config(cfg, verbose), verbose_logging=verbose)
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.num_clients,
+                       backend_config=backend_config(cfg, verbose), verbose_logging=verbose)
+    finally:
+        if engine_log is not None:
+            logging.getLogger("flwr").removeHandler(engine_log)
+            engine_log.close()
     return summary
 
 

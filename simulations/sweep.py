@@ -200,7 +200,8 @@ def command(cfg: ExperimentConfig, ray_cpus: int, resume: bool = False) -> list[
     (it keeps its own config.json for the rest)."""
     values = dataclasses.asdict(dataclasses.replace(cfg, ray_num_cpus=ray_cpus))
     if resume:
-        values = {"resume": cfg.out, **{name: values[name] for name in RESUMABLE}}
+        values = {"resume": cfg.out, **{name: values[name] for name in RESUMABLE},
+                  "optimizer": cfg.optimizer}  # the sweep chose the spec: that confirms a plug-in
     return run_command(values)
 
 

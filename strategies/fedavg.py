@@ -157,8 +157,9 @@ class SeededRounds:
         pairs = self.client_replies(replies)
         self.answered = {pid for pid, _ in pairs}
         for pid, reply in pairs:
-            if reply.has_error():
-                self.failures.append((pid, reply.error.reason or f"error code {reply.error.code}"))
+            if reply.has_error():  # the first line: Flower and Ray append pages of detail
+                reason = (reply.error.reason or "").strip().splitlines()
+                self.failures.append((pid, reason[0] if reason else f"error code {reply.error.code}"))
             elif not all(_is_finite(r) for r in reply.content.array_records.values()):
                 self.failures.append((pid, "non-finite values in the returned arrays"))
             else:

@@ -16,7 +16,7 @@ from fedsam.client_app import app
 from simulations.experiment import check, run_experiment, write_run_files
 
 
-def _ensure_task_identity() -> None:
+def ensure_task_identity() -> None:
     try:
         TaskIdentity.run_id  # noqa: B018 - raises when unset
     except RuntimeError:
@@ -35,7 +35,7 @@ class InProcessGrid(Grid):
         }
         self.delivered: list[Message] = []
         # Messages take their run and sender from the process's task identity (the ServerApp's).
-        _ensure_task_identity()
+        ensure_task_identity()
 
     def set_run(self, run) -> None:  # pragma: no cover - not needed here
         self._run = run

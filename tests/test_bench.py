@@ -19,7 +19,7 @@ def test_quick_bench_writes_every_part(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "simulations", "bench", "--quick", "--device", "cpu",
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for heading in ("(a, b) local training", "(c) framework overhead", "(d) data path"):
+    for heading in ("(a, b) local training", "(c) framework overhead", "(d) data path", "(f) a round's client work"):
         assert heading in proc.stdout
     report = json.loads(out.read_text())
     assert report["machine"]["cores"] >= 1 and report["machine"]["torch"] and report["quick"] is True
@@ -35,6 +35,11 @@ def test_quick_bench_writes_every_part(tmp_path):
     for r in report["data_path"]:
         assert _positive(r["images_per_s_device_batches"]) and _positive(r["images_per_s_dataloader"])
         assert _positive(r["speedup"])
+    cohorts = report["cohorts"]
+    assert [(r["model"], r["clients"]) for r in cohorts] == [("cnn", 1), ("cnn", 5)]
+    for r in cohorts:  # no CUDA graphs on a CPU: one client at a time against one batched cohort
+        assert _positive(r["one_by_one_seconds"]) and _positive(r["batched_seconds"])
+        assert r["batched_max_rel_diff"] < 1e-2  # the same training, to float32 rounding
 
 
 def test_bench_bad_input(tmp_path):

@@ -13,7 +13,7 @@ from fedsam.data import PartitionSpec, load, make_partition
 from fedsam.models import build_model
 from simulations.config import ExperimentConfig
 from simulations.experiment import client_config
-from tests.inprocess import _ensure_task_identity
+from tests.inprocess import ensure_task_identity
 
 
 def _config(cifar10_dir, **overrides) -> ConfigRecord:
@@ -30,7 +30,7 @@ def _context(pid, num=4, **extra):
 
 
 def _message(config, model, message_type="train", momentum=None):
-    _ensure_task_identity()
+    ensure_task_identity()
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
     if momentum is not None:
         content["momentum"] = momentum

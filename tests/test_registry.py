@@ -75,8 +75,8 @@ def test_register_a_name_and_make_it_portable():
         with pytest.raises(OptimizerSpecError, match="importable"):
             portable_spec("local-only")
     finally:
-        optim.registry._registry.pop("signsgd-test", None)
-        optim.registry._registry.pop("local-only", None)
+        optim.unregister("signsgd-test")
+        optim.unregister("local-only")
 
 
 def test_an_import_path_works_in_a_fresh_process():
@@ -85,7 +85,7 @@ def test_an_import_path_works_in_a_fresh_process():
     try:
         spec = portable_spec("signsgd-proc")
     finally:
-        optim.registry._registry.pop("signsgd-proc", None)
+        optim.unregister("signsgd-proc")
     code = (
         "import torch, sys\n"
         "from fedsam.optim import build\n"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fedsam.data import DataError, load
-from fedsam.data.cifar import _unpickle
+from fedsam.data.cifar import read_pickle
 from tests.conftest import REAL_SUBSET, run_cli
 from tests.synthetic import write_cifar10, write_cifar100
 
@@ -77,5 +77,20 @@ def test_real_synthetic_and_numpy1_files_still_load(tmp_path):
     assert b"numpy._core.multiarray" in raw or b"numpy.core.multiarray" in raw
     old = tmp_path / "numpy1_batch"
     old.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
-    content = _unpickle(old, "CIFAR-10")
+    content = read_pickle(old, "CIFAR-10")
     assert np.array_equal(content["data"], data) and content["labels"] == [1, 2]
+
+
+def test_resume_imports_no_plug_in_optimizer_it_was_not_told_to(cifar10_dir, tmp_path, capsys):
+    """A run folder's config.json can name any import path; resuming it calls nothing unconfirmed."""
+    out = tmp_path / "theirs"
+    out.mkdir()
+    marker = tmp_path / "called"
+    config = {"data-dir": str(cifar10_dir), "out": str(out), "num-clients": 2, "clients-per-round": 2,
+              "rounds": 1, "device": "cpu", "optimizer": "os:system"}
+    (out / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(["run", "--resume", out], capsys)
+    assert code == 2 and "plug-in optimizer 'os:system'" in err and "--optimizer 'os:system'" in err
+    assert len(err.strip().splitlines()) == 1 and not marker.exists()
+    code, _, err = run_cli(["run", "--resume", out, "--optimizer", "sgd"], capsys)
+    assert code == 2 and "cannot change" in err

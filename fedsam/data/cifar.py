@@ -111,7 +111,9 @@ class _BatchUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _unpickle(path: Path, title: str) -> dict:
+def read_pickle(path: Path, title: str) -> dict:
+    """One file of the CIFAR python layout, as data only (``_BatchUnpickler``); a one-line
+    ``DataError`` for anything else."""
     try:
         with open(path, "rb") as f:
             content = _BatchUnpickler(f, encoding="latin1").load()
@@ -127,7 +129,7 @@ def _unpickle(path: Path, title: str) -> dict:
 def _read_split(layout: Layout, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = [], []
     for path in paths:
-        content = _unpickle(path, layout.title)
+        content = read_pickle(path, layout.title)
         data, y = content.get("data"), content.get(layout.label_key)
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
             raise DataError(f"corrupt {layout.title} file {path}: 'data' must be a uint8 array of shape N×3072")
@@ -171,7 +173,7 @@ def load(name: str, data_dir: str | Path, download: bool = False) -> ImageDatase
         )
     train_images, train_labels = _read_split(layout, [folder / f for f in layout.train_files])
     test_images, test_labels = _read_split(layout, [folder / layout.test_file])
-    meta = _unpickle(folder / layout.meta_file, layout.title)
+    meta = read_pickle(folder / layout.meta_file, layout.title)
     classes = meta.get(layout.names_key)
     if not isinstance(classes, list) or len(classes) != layout.num_classes:
         raise DataError(f"corrupt {layout.title} file {folder / layout.meta_file}: "

@@ -3,7 +3,8 @@
 from .base import PerturbThenDescend
 from .batchnorm import FirstPassStats, batchnorm_layers, frozen_running_stats
 from .fgsm import FGSMSAM, l2_equivalent_rho
-from .registry import BUILTIN, FEDERATED_RHO, OptimizerSpecError, build, names, portable_spec, register, resolve, restart
+from .registry import (BUILTIN, FEDERATED_RHO, OptimizerSpecError, build, names, portable_spec, register, resolve,
+                       restart, unregister)
 from .sam import SAM
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "register",
     "resolve",
     "restart",
+    "unregister",
 ]

@@ -78,6 +78,12 @@ def register(name: str, factory: Factory) -> None:
     _registry[name] = factory
 
 
+def unregister(name: str) -> None:
+    """Forget a name ``register`` added (built-ins stay); unknown names are ignored."""
+    if name not in BUILTIN:
+        _registry.pop(name, None)
+
+
 def names() -> list[str]:
     return sorted(_registry)
 
