@@ -40,8 +40,9 @@ from fedsam.data import DeviceBatches, load
 from fedsam.models import build_model
 from fedsam.optim import build
 from fedsam.train import train_locally
-from simulations import cohort_bench
-from simulations.cli import UsageError, run_command
+from simulations import cohort_bench, results
+from simulations.config import run_command
+from simulations.errors import UsageError
 
 OPTIMIZERS = {"sgd": {}, "sam": {}, "asam": {}, "fgsm-sam": {"steps": 2}}  # the factories' own defaults, FGSM at 2 steps
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -227,7 +228,7 @@ def _timed_fedsam_run(flags: dict[str, Any]) -> tuple[float, list[float]]:
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"the fedsam run for (c) failed: {proc.stderr.strip().splitlines()[-1:]}")
-    records = [json.loads(line) for line in (Path(flags["out"]) / "metrics.jsonl").read_text().splitlines()]
+    records = results.read_metrics(Path(flags["out"]))
     return wall, [r["seconds"] for r in records]
 
 
@@ -337,7 +338,7 @@ def fl_simulator_round(device: torch.device, scratch: Path, rounds: int = 3) -> 
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0:
             raise RuntimeError(f"the FL-Simulator round failed: {proc.stderr.strip().splitlines()[-1:]}")
-        seconds = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        seconds = [r["seconds"] for r in results.read_metrics(out)]
         result[f"vectorize_{vectorize}"] = {"round_seconds": seconds,
                                             "median_round_seconds_after_first": statistics.median(seconds[1:])}
     return result

@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
-FILE = "checkpoint.pt"
+from simulations.results import CHECKPOINT
+
+FILE = CHECKPOINT
 VERSION = 1
 KEYS = ("version", "round", "config", "arrays", "strategy", "records", "torch_rng")
 

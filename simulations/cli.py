@@ -5,13 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import fedsam
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line on stderr, exit status 2."""
+from simulations.errors import UsageError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -22,26 +18,11 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def run_command(values: dict[str, Any]) -> list[str]:
-    """The ``fedsam run`` argv for these settings (field names or flag names; ``None`` left out,
-    booleans as ``--x`` / ``--no-x``): the one place a run's command line is built."""
-    argv = [sys.executable, "-m", "simulations", "run"]
-    for name, value in values.items():
-        if value is None:
-            continue
-        flag = "--" + str(name).replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else f"--no-{flag[2:]}")
-        else:
-            argv += [flag, str(value)]
-    return argv
-
-
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="fedsam", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fedsam {fedsam.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    from simulations import bench, partition, report, run, sharpness, sweep  # they import UsageError from here
+    from simulations import bench, partition, report, run, sharpness, sweep
 
     partition.register(subparsers)
     run.register(subparsers)

@@ -282,3 +282,18 @@ def flags_given(args: argparse.Namespace) -> dict[str, Any]:
 
 def write_json(cfg: ExperimentConfig, path: Path, extra: dict[str, Any] | None = None) -> None:
     path.write_text(json.dumps({**cfg.to_dict(), **(extra or {})}, indent=2) + "\n")
+
+
+def run_command(values: dict[str, Any]) -> list[str]:
+    """The ``fedsam run`` argv for these settings (field names or flag names; ``None`` left out,
+    booleans as ``--x`` / ``--no-x``): the one place a run's command line is built."""
+    argv = [sys.executable, "-m", "simulations", "run"]
+    for name, value in values.items():
+        if value is None:
+            continue
+        flag = "--" + str(name).replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            argv += [flag, str(value)]
+    return argv

@@ -27,6 +27,7 @@ from fedsam.train import evaluate
 from simulations import checkpoint
 from simulations import config as configuration
 from simulations.config import ConfigError, ExperimentConfig
+from simulations import results
 from simulations.results import RunRecorder, holds_a_run
 from strategies import FedAvg, FedAvgM, FedSAM, MoFedSAM, NodeSetupError
 
@@ -167,10 +168,10 @@ def title(cfg: ExperimentConfig) -> str:
 
 def write_run_files(checked: Checked, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    configuration.write_json(checked.cfg, out / "config.json")
+    configuration.write_json(checked.cfg, out / results.CONFIG)
     labels = checked.data.train_labels.numpy()
     summary = summarize(checked.partition, labels, checked.data.num_classes)
-    write_partition_json(out / "partition.json", checked.cfg.dataset, checked.partition, summary)
+    write_partition_json(out / results.PARTITION, checked.cfg.dataset, checked.partition, summary)
 
 
 def _finite(arrays: ArrayRecord) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 from fedsam.data import DataError, PartitionError, format_summary, label_counts, load, make_partition, summarize
 from fedsam.data import write_partition_json
 from simulations import config, plots
-from simulations.cli import UsageError
+from simulations.errors import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

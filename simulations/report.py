@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from simulations.cli import UsageError
-from simulations.results import read_metrics
+from simulations.errors import UsageError
+from simulations import results
 
 NOT_CONFIGURATION = {"seed", "out", "data-dir", "download", "device", "num-cpus-per-client", "num-gpus-per-client",
                      "ray-num-cpus", "ray-address"}
@@ -67,26 +67,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def collect(directory: Path) -> tuple[list[RunResult], list[dict[str, Any]]]:
     """The runs under ``directory`` (or the run it is), and sweep runs that never wrote a config."""
-    folders = [directory] if (directory / "config.json").is_file() else \
-        sorted(p for p in directory.iterdir() if p.is_dir() and (p / "config.json").is_file())
-    sweep = _read_json(directory / "sweep.json") or {}
+    folders = [directory] if (directory / results.CONFIG).is_file() else \
+        sorted(p for p in directory.iterdir() if p.is_dir() and (p / results.CONFIG).is_file())
+    sweep = results.read_json(directory / "sweep.json") or {}
     errors = {name: entry.get("error") for name, entry in sweep.get("runs", {}).items()}
     runs = []
     for folder in folders:
-        config = _read_json(folder / "config.json")
+        config = results.read_config(folder)
         if not isinstance(config, dict):
             continue
-        metrics = read_metrics(folder / "metrics.jsonl") if (folder / "metrics.jsonl").is_file() else []
-        summary = _read_json(folder / "summary.json")
+        metrics = results.read_metrics(folder)
+        summary = results.read_summary(folder)
         error = None if summary else (errors.get(folder.name) or "unfinished (no summary.json)")
         runs.append(RunResult(folder.name, config, metrics, summary, error))
     known = {r.name for r in runs}
@@ -111,7 +104,7 @@ def varying_keys(rows: list[Row], directory: Path) -> list[str]:
     otherwise every setting that differs."""
     keys = sorted({k for row in rows for k in row.config})
     differing = [k for k in keys if len({json.dumps(row.config.get(k)) for row in rows}) > 1]
-    vary = [k for k in (_read_json(directory / "sweep.json") or {}).get("vary", {}) if k in differing]
+    vary = [k for k in (results.read_json(directory / "sweep.json") or {}).get("vary", {}) if k in differing]
     if vary and len({tuple(json.dumps(row.config.get(k)) for k in vary) for row in rows}) == len(rows):
         return vary
     return differing

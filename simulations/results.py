@@ -1,4 +1,4 @@
-"""What a run leaves in its folder, written as it goes.
+"""The run folder: what a run leaves there, and the one place its files are named, read and written.
 
 | file | content |
 |---|---|
@@ -24,7 +24,34 @@ import torch
 
 from simulations import plots
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
+CONFIG, PARTITION, METRICS, SUMMARY = "config.json", "partition.json", "metrics.jsonl", "summary.json"
+MODEL, CHECKPOINT, CURVES = "model.pt", "checkpoint.pt", "accuracy.png"
+RUN_FILES = (CONFIG, METRICS, SUMMARY)  # any of them means a run lives in the folder
+LISTING = " ".join((CONFIG, PARTITION, METRICS, SUMMARY, MODEL, CURVES))  # what a finished run holds
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content, or ``None`` when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_config(out: Path) -> dict[str, Any] | None:
+    """The run's saved settings (dashed keys), or ``None`` when the folder holds no readable one."""
+    config = read_json(out / CONFIG)
+    return config if isinstance(config, dict) else None
+
+
+def read_summary(out: Path) -> dict[str, Any] | None:
+    """The summary of a finished run, or ``None`` while it is unfinished."""
+    summary = read_json(out / SUMMARY)
+    return summary if isinstance(summary, dict) else None
+
+
+def is_finished(out: Path) -> bool:
+    return (out / SUMMARY).is_file()
 
 
 def holds_a_run(out: Path) -> str | None:
@@ -35,9 +62,13 @@ def holds_a_run(out: Path) -> str | None:
     return None
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rounds in ``metrics.jsonl``. A line that is not a JSON object (a torn write, a bad edit)
-    is skipped with a warning rather than ending the read: later rounds are still good data."""
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    """The rounds in the run's ``metrics.jsonl`` (none if it has no such file). A line that is not a
+    JSON object (a torn write, a bad edit) is skipped with a warning rather than ending the read:
+    later rounds are still good data."""
+    path = out / METRICS
+    if not path.is_file():
+        return []
     records = []
     for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         if not line.strip():
@@ -53,7 +84,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
@@ -69,15 +100,15 @@ class RunRecorder:
         to hold exactly those, dropping any round written after the checkpoint."""
         self.out, self.rounds, self.title, self.echo = out, rounds, title, echo
         self.records: list[dict[str, Any]] = list(records or [])
-        tmp = out / "metrics.jsonl.tmp"
+        tmp = out / (METRICS + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(tmp, out / "metrics.jsonl")
+        os.replace(tmp, out / METRICS)
         self.started = time.monotonic()
         self.first_round = len(self.records) + 1
 
     def add(self, record: dict[str, Any]) -> None:
         self.records.append(record)
-        with open(self.out / "metrics.jsonl", "a") as f:
+        with open(self.out / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -97,7 +128,7 @@ class RunRecorder:
         if record.get("failed_clients"):
             parts.append(f"{record['failed_clients']} client(s) failed")
         parts.append(f"{record['seconds']:.1f} s")
-        parts.append(f"elapsed {_duration(elapsed)}  ETA {_duration(eta)}")
+        parts.append(f"elapsed {duration(elapsed)}  ETA {duration(eta)}")
         return " · ".join(parts)
 
     def finish(self, model_state: dict[str, torch.Tensor], wall_seconds: float) -> dict:
@@ -117,8 +148,8 @@ class RunRecorder:
             "failed_client_rounds": sum(int(r.get("failed_clients", 0)) for r in self.records),
             "failure_reasons": dict(sorted(reasons.items(), key=lambda item: -item[1])),
         }
-        torch.save({k: v.detach().cpu() for k, v in model_state.items()}, self.out / "model.pt")
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plots.run_curves(self.records, self.out / "accuracy.png", self.title)
+        torch.save({k: v.detach().cpu() for k, v in model_state.items()}, self.out / MODEL)
+        (self.out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        plots.run_curves(self.records, self.out / CURVES, self.title)
         return summary
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import signal
 import sys
@@ -21,11 +20,12 @@ from typing import Any
 from fedsam.optim import BUILTIN
 from simulations import checkpoint
 from simulations import config as configuration
-from simulations.cli import UsageError
+from simulations.errors import UsageError
 from simulations.config import ConfigError, ExperimentConfig
 from simulations.experiment import RunFailed, check, run_experiment, write_run_files
 from simulations.presets import PRESETS
 from simulations.ray_cluster import check_reachable
+from simulations import results
 from simulations.results import holds_a_run
 
 
@@ -65,17 +65,17 @@ def resume_args(args: argparse.Namespace) -> tuple[ExperimentConfig, dict[str, A
         raise ConfigError(f"--resume continues a run with its own settings; --{what} cannot change")
     if flags.get("out") not in (None, str(out)):
         raise ConfigError("--resume DIR writes to DIR; leave out --out")
-    if not (out / "config.json").is_file():
-        raise ConfigError(f"{out} holds no run (no config.json)")
-    saved = json.loads((out / "config.json").read_text())
+    saved = results.read_config(out)
+    if saved is None:
+        raise ConfigError(f"{out} holds no run (no readable {results.CONFIG})")
     spec = saved.get("optimizer")
     if confirmed is not None and confirmed != spec:
         raise ConfigError(f"--resume continues a run with its own settings; --optimizer cannot change ({spec!r})")
     if spec is not None and spec not in BUILTIN and confirmed != spec:  # a folder from elsewhere runs no code unasked
-        raise ConfigError(f"{out}/config.json names the plug-in optimizer {spec!r}, which resuming imports and "
+        raise ConfigError(f"{out}/{results.CONFIG} names the plug-in optimizer {spec!r}, which resuming imports and "
                           f"calls; if you trust it, confirm with --optimizer '{spec}'")
-    cfg = configuration.apply(ExperimentConfig(), {**saved, **flags, "out": str(out)}, f"{out}/config.json")
-    if not (out / checkpoint.FILE).exists():
+    cfg = configuration.apply(ExperimentConfig(), {**saved, **flags, "out": str(out)}, f"{out}/{results.CONFIG}")
+    if not (out / results.CHECKPOINT).exists():
         return cfg, None
     try:
         state = checkpoint.load(out)
@@ -84,7 +84,7 @@ def resume_args(args: argparse.Namespace) -> tuple[ExperimentConfig, dict[str, A
     done = int(state["round"])
     if cfg.rounds < done:
         raise ConfigError(f"the checkpoint is at round {done}, past --rounds {cfg.rounds}")
-    if cfg.rounds == done and (out / "summary.json").is_file():
+    if cfg.rounds == done and results.is_finished(out):
         raise ConfigError(f"{out} is finished ({done} of {done} rounds); pass --rounds N to extend it")
     return cfg, state
 
@@ -244,8 +244,8 @@ def run(args: argparse.Namespace) -> int:
                              "with its saved settings\n")
         write_run_files(checked, out)
     else:
-        configuration.write_json(cfg, out / "config.json")  # --rounds or resources may have changed
-    (out / "summary.json").unlink(missing_ok=True)
+        configuration.write_json(cfg, out / results.CONFIG)  # --rounds or resources may have changed
+    (out / results.SUMMARY).unlink(missing_ok=True)
     print(f"fedsam run → {out}: {cfg.strategy} with {cfg.optimizer} on {cfg.model}, {cfg.dataset} "
           f"{cfg.partition_spec().describe()}, {cfg.num_clients} clients ({cfg.clients_per_round} per round), "
           f"{cfg.rounds} rounds, seed {cfg.seed}"
@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"done in {summary['wall_seconds']:.1f} s · final test accuracy {summary['final_test_accuracy']:.4f} · "
           f"best {summary['best_test_accuracy']:.4f} (round {summary['best_round']})")
-    print(f"results in {out}/: config.json partition.json metrics.jsonl summary.json model.pt accuracy.png")
+    print(f"results in {out}/: {results.LISTING}")
     if summary["failed_client_rounds"]:  # never a bare "done" over rounds that lost clients
         reason, count = next(iter(summary["failure_reasons"].items()))
         print(f"warning: {summary['failed_client_rounds']} client-round(s) failed and were left out of their "

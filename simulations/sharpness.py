@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -12,7 +11,8 @@ from fedsam.runtime import resolve_device
 from fedsam.data import DATASETS, DataError, load
 from fedsam.models import MODELS, build_model
 from fedsam.sharpness import evaluation_subset, model_sharpness
-from simulations.cli import UsageError
+from simulations import results
+from simulations.errors import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,9 +33,7 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.model_path)
     if not path.is_file():
         raise UsageError(f"no model file at {path}")
-    saved = {}
-    if (path.parent / "config.json").is_file():
-        saved = json.loads((path.parent / "config.json").read_text())
+    saved = results.read_config(path.parent) or {}
     dataset = args.dataset or saved.get("dataset")
     data_dir = args.data_dir or saved.get("data-dir")
     architecture = args.model or saved.get("model")

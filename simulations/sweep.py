@@ -45,11 +45,12 @@ from typing import Any
 
 from simulations import checkpoint
 from simulations import config as configuration
-from simulations.cli import UsageError, run_command
-from simulations.config import ConfigError, ExperimentConfig
+from simulations.errors import UsageError
+from simulations.config import ConfigError, ExperimentConfig, run_command
 from simulations.experiment import check
 from simulations.presets import PRESETS
-from simulations.results import _duration
+from simulations import results
+from simulations.results import duration
 from simulations.run import RESUMABLE
 
 NOT_VARIABLE = ("out", "seed")
@@ -162,15 +163,15 @@ def state_of(planned: PlannedRun) -> tuple[str, str]:
     checkpoint to continue or extend), ``restart`` (unfinished, no usable checkpoint), ``new``, or
     ``stale`` (other settings: the second item names one)."""
     out = Path(planned.cfg.out)
-    if not (out / "config.json").is_file():
+    saved = results.read_config(out)
+    if saved is None:
         return ("restart", "") if out.exists() else ("new", "")
-    saved = json.loads((out / "config.json").read_text())
     wanted = planned.cfg.to_dict()
     mine, theirs = comparable(wanted), comparable(saved)
     if mine != theirs:
         key = next(k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k))
         return "stale", f"--{key} {theirs.get(key)} instead of {mine.get(key)}"
-    finished = (out / "summary.json").is_file()
+    finished = results.is_finished(out)
     if saved.get("rounds") == wanted["rounds"] and finished:
         return "done", ""
     try:
@@ -343,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
                 # the folder decides: a Ctrl-C that comes as a run ends its last round finds it done
                 if (proc.returncode == 0 or proc.returncode in STOPPED) and state_of(planned)[0] == "done":
                     entry["status"] = "done"
-                    summary = json.loads((Path(planned.cfg.out) / "summary.json").read_text())
+                    summary = results.read_summary(Path(planned.cfg.out)) or {}
                     outcome = f"final acc {summary['final_test_accuracy']:.4f}"
                 elif proc.returncode in STOPPED:
                     entry["status"] = "stopped"
@@ -355,9 +356,9 @@ def run(args: argparse.Namespace) -> int:
                     outcome = f"FAILED (exit {proc.returncode}): {entry['error']}"
                 _write_record(sweep_dir / "sweep.json", record)
                 elapsed = time.monotonic() - started
-                eta = "" if interrupt.stopping else f" ETA {_duration(elapsed / finished * (len(todo) - finished))}"
+                eta = "" if interrupt.stopping else f" ETA {duration(elapsed / finished * (len(todo) - finished))}"
                 print(f"[{skipped + finished:>{len(str(len(runs)))}}/{len(runs)}] {label} · {outcome} · "
-                      f"{_duration(entry['seconds'])} · sweep elapsed {_duration(elapsed)}{eta}", flush=True)
+                      f"{duration(entry['seconds'])} · sweep elapsed {duration(elapsed)}{eta}", flush=True)
     statuses = [entry["status"] for entry in record["runs"].values()]
     done, failed = statuses.count("done"), statuses.count("failed")
     if interrupt.stopping or "stopped" in statuses:

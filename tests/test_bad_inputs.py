@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 from tests.synthetic import write_cifar10
 
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+
+import pytest
 import math
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
+
+
+pytestmark = pytest.mark.processes  # every test here starts fedsam, Ray or Flower processes
 
 def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0

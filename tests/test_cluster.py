@@ -21,11 +21,14 @@ from flwr.app import Context, RecordDict
 from fedsam.client_app import app
 from simulations import config as configuration
 from simulations.experiment import RunFailed, check, run_experiment, write_run_files
-from tests.conftest import ROOT, run_cli
+from tests.helpers import ROOT, run_cli
 from tests.inprocess import InProcessGrid
 
 BIN = Path(sys.executable).parent
 
+
+
+pytestmark = pytest.mark.processes  # every test here starts fedsam, Ray or Flower processes
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -10,7 +10,7 @@ import torch
 
 from fedsam.data import DataError, DeviceBatches, load
 from fedsam.data.cifar import LAYOUTS
-from tests.conftest import REAL_SUBSET
+from tests.helpers import REAL_SUBSET
 from tests.synthetic import write_cifar10, write_cifar100
 
 

@@ -10,7 +10,7 @@ from flwr.app import Context, RecordDict
 from fedsam.client_app import app as client_app
 from simulations.config import ExperimentConfig
 from simulations.server_app import app as server_app
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.inprocess import InProcessGrid
 
 if sys.version_info >= (3, 11):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedsam.data import PartitionError, PartitionSpec, make_partition, summarize
-from tests.conftest import REAL_SUBSET, ROOT, run_cli
+from tests.helpers import REAL_SUBSET, ROOT, run_cli
 from tests.synthetic import write_cifar10
 
 LABELS = np.random.default_rng(0).permutation(np.arange(3000) % 10)  # 300 per class

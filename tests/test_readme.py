@@ -7,7 +7,7 @@ import re
 import torch
 from torch import nn
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def _python_blocks():

@@ -18,7 +18,7 @@ from simulations import checkpoint
 from simulations import config as configuration
 from simulations.experiment import RunFailed
 from simulations.run import StopOnInterrupt
-from tests.conftest import ROOT, run_cli
+from tests.helpers import ROOT, run_cli
 from tests.inprocess import InProcessGrid, run_inprocess
 
 BASE = dict(num_clients=4, clients_per_round=3, rounds=4, device="cpu", batch_size=32, checkpoint_every=1)
@@ -45,6 +45,7 @@ def reference(cifar10_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.processes
 def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_run(cifar10_dir, tmp_path, reference):
     out = tmp_path / "killed"
     argv = [sys.executable, "-m", "simulations", "run", "--data-dir", str(cifar10_dir), "--strategy", "mofedsam",
@@ -75,6 +76,7 @@ def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_run(cifar10_dir, t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.processes
 def test_a_dead_worker_stops_the_run_in_one_line_and_resume_finishes_it_exactly(cifar10_dir, tmp_path, reference):
     """Flower's engine never replaces a Ray worker that died: rather than lose its clients in every
     later round and still say "done", the run stops at once, keeps the last good round, and
@@ -223,6 +225,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(cifar10_dir
     assert checkpoint.load(tmp_path / "run")["round"] == 1
 
 
+@pytest.mark.processes
 def test_failing_client_through_ray(cifar10_dir, tmp_path):
     """The same failure through Flower's Simulation Engine: the worker's exception becomes an error reply."""
     out = tmp_path / "ray"

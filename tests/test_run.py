@@ -14,7 +14,7 @@ from fedsam.client_app import app
 from fedsam.models import build_model
 from simulations import config as configuration
 from simulations.experiment import check, run_experiment, write_run_files
-from tests.conftest import ROOT, run_cli
+from tests.helpers import ROOT, run_cli
 from tests.inprocess import InProcessGrid
 
 TINY = ["--num-clients", "3", "--clients-per-round", "2", "--rounds", "2", "--strategy", "mofedsam",
@@ -40,6 +40,7 @@ def ray_run(cifar10_dir, tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.mark.processes
 def test_run_writes_every_file_and_sane_metrics(ray_run):
     out, stdout = ray_run
     for name in ("config.json", "partition.json", "metrics.jsonl", "summary.json", "model.pt", "accuracy.png"):
@@ -61,6 +62,7 @@ def test_run_writes_every_file_and_sane_metrics(ray_run):
     assert "round 1/2" in stdout and "round 2/2" in stdout and "ETA" in stdout and "final test accuracy" in stdout
 
 
+@pytest.mark.processes
 def test_same_seed_same_metrics_and_model_with_or_without_ray(ray_run, cifar10_dir, tmp_path):
     """The in-process loop with one thread per client is the Ray run, bit for bit: sampling,
     partition, local training and aggregation depend on the seed alone."""
@@ -83,6 +85,7 @@ def test_same_seed_same_metrics_and_model_with_or_without_ray(ray_run, cifar10_d
         torch.set_num_threads(threads)
 
 
+@pytest.mark.processes
 @pytest.mark.slow
 def test_two_ray_runs_with_the_same_seed_write_the_same_metrics(ray_run, cifar10_dir, tmp_path):
     out, _ = ray_run

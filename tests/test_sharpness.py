@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsam.sharpness import evaluation_subset, model_sharpness, top_eigenvalue
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def _spd(eigenvalues, seed=0):

@@ -17,7 +17,7 @@ import torch
 
 from simulations import config as configuration
 from simulations.report import last_tenth_mean, late_trend, rounds_to
-from tests.conftest import ROOT, run_cli
+from tests.helpers import ROOT, run_cli
 from tests.inprocess import run_inprocess
 
 GRID = ["--vary", "dirichlet-alpha=0.5,100", "--vary", "strategy=fedavg,fedsam", "--seeds", "0",
@@ -39,6 +39,7 @@ def swept(cifar10_dir, tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.mark.processes
 def test_the_cross_product_runs_each_in_its_own_folder(swept):
     out, stdout = swept
     names = sorted(p.name for p in out.iterdir() if (p / "summary.json").is_file())
@@ -52,6 +53,7 @@ def test_the_cross_product_runs_each_in_its_own_folder(swept):
     assert "[4/4]" in stdout and "ETA" in stdout
 
 
+@pytest.mark.processes
 def test_running_the_sweep_again_skips_finished_runs_and_picks_up_unfinished_ones(swept, cifar10_dir):
     out, _ = swept
     interrupted = out / "dirichlet-alpha=100.0__strategy=fedsam__seed=0"  # checkpointed, then stopped
@@ -74,6 +76,7 @@ def test_running_the_sweep_again_skips_finished_runs_and_picks_up_unfinished_one
     assert record["runs"][interrupted.name]["resumed"] == "after round 2"
 
 
+@pytest.mark.processes
 def test_more_rounds_extend_finished_runs_exactly(cifar10_dir, tmp_path):
     """A grid given more --rounds continues each run from its checkpoint; MoFedSAM's momentum is
     state the checkpoint must carry, and the result is the uninterrupted run's."""
@@ -106,6 +109,7 @@ def test_more_rounds_extend_finished_runs_exactly(cifar10_dir, tmp_path):
     assert fewer.returncode == 2 and "other settings (--rounds 3 instead of 2)" in fewer.stderr
 
 
+@pytest.mark.processes
 def test_report_table_csv_and_plots(swept, capsys):
     out, _ = swept
     code, stdout, stderr = run_cli(["report", out, "--target", "0.3"], capsys)
@@ -130,6 +134,7 @@ def test_report_table_csv_and_plots(swept, capsys):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
 
 
+@pytest.mark.processes
 def test_a_failed_run_is_recorded_and_does_not_stop_the_sweep(swept, cifar10_dir, tmp_path, capsys):
     """Reuse the grid's runs, then make one run fail: its data disappears after the sweep's checks."""
     out = tmp_path / "grid"
@@ -297,6 +302,7 @@ def test_a_corrupt_metrics_line_is_skipped_with_a_warning_not_the_end_of_the_run
     assert float(record["rounds_to_target_mean"]) == 16  # the default target: 80% of the final 1.0
 
 
+@pytest.mark.processes
 def test_a_sweep_with_a_relative_data_dir_finds_its_finished_runs_again(cifar10_dir, tmp_path, monkeypatch):
     """config.json holds the data-dir absolute; the sweep's plan must agree, or its runs look stale."""
     from simulations import sweep

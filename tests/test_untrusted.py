@@ -12,7 +12,7 @@ import pytest
 
 from fedsam.data import DataError, load
 from fedsam.data.cifar import read_pickle
-from tests.conftest import REAL_SUBSET, run_cli
+from tests.helpers import REAL_SUBSET, run_cli
 from tests.synthetic import write_cifar10, write_cifar100
 
 

@@ -1,0 +1,20 @@
+"""What many test modules share: where things are, and the ``fedsam`` command run in process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_SUBSET = ROOT.parent / "shared" / "data" / "cifar10-subset"
+
+
+def run_cli(argv, capsys):
+    """``fedsam ARGV`` in this process: (exit status, stdout, stderr)."""
+    from simulations.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse exits itself for bad flags
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
