@@ -41,7 +41,7 @@ from fedsam.models import build_model
 from fedsam.optim import build
 from fedsam.train import train_locally
 from simulations import cohort_bench, results
-from simulations.config import run_command
+from simulations.config import file_in_the_way, run_command
 from simulations.errors import UsageError
 
 OPTIMIZERS = {"sgd": {}, "sam": {}, "asam": {}, "fgsm-sam": {"steps": 2}}  # the factories' own defaults, FGSM at 2 steps
@@ -57,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--repeats", type=int, help="measured runs per figure (default: 5, quick: 2)")
     parser.add_argument("--rounds", type=int, help="rounds of the overhead comparison (default: 20, quick: 2)")
     parser.add_argument("--skip", default="", help="parts to leave out, e.g. c,e")
-    parser.add_argument("--out", default="bench.json", help="JSON file for the figures (default: bench.json)")
+    parser.add_argument("--out", default="runs/bench.json", metavar="FILE.json",
+                        help="JSON file for the figures, its folder created (default: runs/bench.json)")
     parser.set_defaults(handler=run)
 
 
@@ -361,6 +362,11 @@ def run(args: argparse.Namespace) -> int:
     rounds = args.rounds or (2 if args.quick else 20)
     if repeats < 1 or rounds < 1:
         raise UsageError("--repeats and --rounds must be >= 1")
+    out = Path(args.out)  # checked now, not after minutes of measuring
+    if (blocker := file_in_the_way(out.parent)) is not None:
+        raise UsageError(f"--out {out}: {blocker} is a file, not a folder")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; name the JSON file, e.g. {out / 'bench.json'}")
     if args.data_dir:
         try:
             load("cifar10", args.data_dir)

@@ -31,6 +31,10 @@ STRATEGIES = ("fedavg", "fedsam", "mofedsam", "fedavgm")
 DEFAULT_OPTIMIZER = {"fedavg": "sgd", "fedavgm": "sgd", "fedsam": "sam", "mofedsam": "sam"}
 
 
+#: Seeds go on the wire as Flower's signed 64-bit integers and into torch.manual_seed (and seed + 1).
+SEED_LIMIT = 2 ** 63
+
+
 class ConfigError(ValueError):
     """A config that cannot run: one line saying which setting and why."""
 
@@ -245,12 +249,14 @@ def validate(cfg: ExperimentConfig) -> None:
     need(cfg.sharpness_every >= 0, f"sharpness-every must be >= 0 (0 = off), got {cfg.sharpness_every}")
     need(bool(cfg.data_dir), "data-dir must not be empty")
     need(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
+    need(cfg.seed < SEED_LIMIT, f"seed must be below 2**63 = {SEED_LIMIT} (Flower's messages carry it as a "
+                                f"64-bit integer, torch.manual_seed takes 64 bits), got {cfg.seed}")
     if cfg.out:
-        blocker = _file_in_the_way(Path(cfg.out).expanduser())
+        blocker = file_in_the_way(Path(cfg.out).expanduser())
         need(blocker is None, f"--out {cfg.out}: {blocker} is a file, not a folder")
 
 
-def _file_in_the_way(path: Path) -> Path | None:
+def file_in_the_way(path: Path) -> Path | None:
     """``path`` or the first of its parents that exists, if that is not a folder (mkdir would fail)."""
     for candidate in (path, *path.parents):
         if candidate.exists():
@@ -258,10 +264,17 @@ def _file_in_the_way(path: Path) -> Path | None:
     return None
 
 
-def add_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...] | None = None) -> None:
-    """One ``--flag`` per config field; unset flags stay out of the namespace so lower layers show through."""
+#: The placeholder a flag's help shows for its value: what it is, not the field's last word.
+METAVARS = {int: "N", float: "X", str: "NAME"}
+STR_METAVARS = {"data_dir": "DIR", "out": "DIR", "ray_address": "ADDRESS", "optimizer": "SPEC"}
+
+
+def add_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...] | None = None,
+              exclude: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per config field (but those in ``exclude``); unset flags stay out of the
+    namespace so lower layers show through."""
     for f in dataclasses.fields(ExperimentConfig):
-        if groups is not None and f.metadata["group"] not in groups:
+        if (groups is not None and f.metadata["group"] not in groups) or f.name in exclude:
             continue
         kind = FIELD_TYPES[f.name]
         default = f.default
@@ -270,8 +283,8 @@ def add_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...] | None = 
         if kind is bool:
             parser.add_argument(f"--{key(f.name)}", action=argparse.BooleanOptionalAction, **common)
         else:
-            parser.add_argument(f"--{key(f.name)}", type=kind, choices=f.metadata.get("choices"),
-                                metavar=None if f.metadata.get("choices") else f.name.split("_")[-1].upper(),
+            metavar = None if f.metadata.get("choices") else STR_METAVARS.get(f.name, METAVARS[kind])
+            parser.add_argument(f"--{key(f.name)}", type=kind, choices=f.metadata.get("choices"), metavar=metavar,
                                 **common)
 
 

@@ -3,6 +3,7 @@ evaluate and record. ``fedsam run`` and the ``flwr run`` ServerApp both come her
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -18,7 +19,7 @@ from flwr.serverapp import Grid
 from fedsam.wire import optimizer_options
 from fedsam.runtime import autocast_dtype, resolve_device
 from fedsam.data import DataError, DeviceBatches, ImageDataset, Partition, PartitionError, load, make_partition
-from fedsam.data import summarize, write_partition_json
+from fedsam.data import partition_record, summarize, write_partition_json
 from fedsam.cohort import batchable
 from fedsam.models import build_model
 from fedsam.optim import OptimizerSpecError, build, portable_spec
@@ -174,6 +175,31 @@ def write_run_files(checked: Checked, out: Path) -> None:
     write_partition_json(out / results.PARTITION, checked.cfg.dataset, checked.partition, summary)
 
 
+def check_saved_partition(checked: Checked, out: Path) -> None:
+    """A resumed run recomputes its split from its settings; a partition.json in ``out`` that says
+    otherwise (edited by hand, copied from another run) would describe a split the run does not
+    train on, so it is refused rather than ignored or overwritten. ``ConfigError`` in one line."""
+    path = out / results.PARTITION
+    if not path.exists():
+        return
+    labels = checked.data.train_labels.numpy()
+    wanted = json.loads(json.dumps(partition_record(checked.cfg.dataset, checked.partition,
+                                                    summarize(checked.partition, labels, checked.data.num_classes))))
+    saved = results.read_json(path)
+    if not isinstance(saved, dict):
+        why = "it is not a readable JSON object"
+    else:
+        differs = next((k for k, v in wanted.items() if saved.get(k) != v), None)
+        why = differs and f"its {differs!r} differs"
+        if differs == "clients" and isinstance(saved["clients"], list):
+            why = next((f"client {i}'s samples differ" for i, c in enumerate(wanted["clients"])
+                        if i >= len(saved["clients"]) or saved["clients"][i] != c), "it lists more clients")
+    if why is not None:
+        raise ConfigError(f"{path} does not match the split the run's settings make ({why}); resuming recomputes "
+                          f"the split from {results.CONFIG}, so a partition.json edited by hand is refused: "
+                          "restore it, or start a new run")
+
+
 def _finite(arrays: ArrayRecord) -> bool:
     return all(np.isfinite(a.numpy()).all() for a in arrays.values()
                if np.issubdtype(np.dtype(a.dtype), np.floating))
@@ -227,7 +253,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
         first = saved_round + 1
         records = list(resume["records"])
         earlier_seconds = float(resume.get("elapsed", 0.0))
-    recorder = RunRecorder(out, cfg.rounds, title(cfg), echo=echo, records=records)
+    recorder = RunRecorder(out, cfg.rounds, title(cfg), echo=echo, records=records, earlier_seconds=earlier_seconds)
 
     def fail(rnd: int, why: str) -> RunFailed:
         kept = (f"the last good checkpoint (round {saved_round}) is in {out}; `fedsam run --resume {out}` "

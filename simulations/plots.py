@@ -13,6 +13,9 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
+SHARPNESS_TITLE = "sharpness of the final global model (top Hessian eigenvalue)"
+
+
 def label_heatmap(counts: np.ndarray, classes: Sequence[str], path: str | Path, title: str) -> None:
     """Clients down, classes across, colour = number of samples."""
     num_clients, num_classes = counts.shape
@@ -117,7 +120,7 @@ def sweep_figures(rows, keys: list[str], directory: Path) -> list[str]:
     alphas = _order(row.config.get("dirichlet-alpha") for row in rows) if "dirichlet-alpha" in keys else []
     others = [k for k in keys if k != "dirichlet-alpha"]
 
-    def by_alpha(metric, path: str, ylabel: str) -> None:
+    def by_alpha(metric, path: str, ylabel: str, title: str) -> None:
         fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=100)
         for name in _order(_label(row.config, others) for row in rows):
             xs, ys, es = [], [], []
@@ -135,6 +138,7 @@ def sweep_figures(rows, keys: list[str], directory: Path) -> list[str]:
         ax.set_xscale("log")
         ax.set_xlabel("Dirichlet α (smaller = more heterogeneous)")
         ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -143,10 +147,12 @@ def sweep_figures(rows, keys: list[str], directory: Path) -> list[str]:
         written.append(path)
 
     if len(alphas) >= 2:
-        by_alpha(lambda r: r.summary["final_test_accuracy"], "alpha.png", "final test accuracy (mean ± std)")
+        by_alpha(lambda r: r.summary["final_test_accuracy"], "alpha.png", "final test accuracy (mean ± std)",
+                 "final test accuracy against heterogeneity")
     has_sharpness = any(r.summary.get("final_sharpness") is not None for row in rows for r in row.done)
     if has_sharpness and len(alphas) >= 2:
-        by_alpha(lambda r: r.summary.get("final_sharpness"), "sharpness.png", "final λ_max (mean ± std)")
+        by_alpha(lambda r: r.summary.get("final_sharpness"), "sharpness.png", "final λ_max (mean ± std)",
+                 SHARPNESS_TITLE)
     elif has_sharpness:
         fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=100)
         names = [_label(row.config, keys) for row in rows]
@@ -155,7 +161,9 @@ def sweep_figures(rows, keys: list[str], directory: Path) -> list[str]:
         ax.bar(range(len(rows)), [np.mean(v) if v else 0 for v in values],
                yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in values], capsize=3)
         ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=7)
-        ax.set_ylabel("final λ_max")
+        ax.set_xlabel("configuration")
+        ax.set_ylabel("final λ_max (mean ± std over seeds)")
+        ax.set_title(SHARPNESS_TITLE, fontsize=10)
         fig.tight_layout()
         fig.savefig(directory / "sharpness.png")
         plt.close(fig)

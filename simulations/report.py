@@ -11,6 +11,10 @@ hardware it ran. The table gives, as mean ± standard deviation over seeds (samp
 - against the FedAvg + SGD configuration with the same other settings: the difference in final
   accuracy ± its standard error, called *better* or *worse* only beyond two standard errors.
 
+A run whose config.json or summary.json is broken is listed as refused, with the reason, and left
+out of the table and the figures; a metrics.jsonl line that is no round record is skipped and
+named (file and line) in report.md.
+
 Written into DIR: ``report.md``, ``report.csv``, ``curves.png`` (accuracy against round, a band
 of ±1 std across seeds), ``alpha.png`` (final accuracy against Dirichlet α, when α varies) and
 ``sharpness.png`` (when sharpness was recorded).
@@ -67,26 +71,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def collect(directory: Path) -> tuple[list[RunResult], list[dict[str, Any]]]:
-    """The runs under ``directory`` (or the run it is), and sweep runs that never wrote a config."""
-    folders = [directory] if (directory / results.CONFIG).is_file() else \
-        sorted(p for p in directory.iterdir() if p.is_dir() and (p / results.CONFIG).is_file())
-    sweep = results.read_json(directory / "sweep.json") or {}
+SUMMARY_NUMBERS = ("final_test_accuracy", "best_test_accuracy", "wall_seconds")
+
+
+def check_summary(summary: dict[str, Any], path: Path) -> None:
+    """The figures the table and plots take from a summary are numbers (``None``, or absent, where
+    a run had nothing to give); ``results.RunFileError`` naming the file and the key otherwise."""
+    def number(value: Any) -> bool:
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    for name in (*SUMMARY_NUMBERS, "final_sharpness"):  # a missing one counts as None, as for an old run
+        if not number(summary.get(name)):
+            raise results.RunFileError(f"{path}: {name} is not a number ({summary[name]!r})")
+
+
+def collect(directory: Path) -> tuple[list[RunResult], list[dict[str, Any]], list[RunResult], list[str]]:
+    """The runs under ``directory`` (or the run it is); sweep runs that never wrote a config; runs
+    refused because their config.json or summary.json is broken, each with the reason; and notes
+    on what was read around (metrics lines skipped, an unreadable sweep.json). A run that cannot be
+    used is reported, never dropped unsaid and never mistaken for an unfinished one."""
+    single = (directory / results.CONFIG).exists()
+    folders = [directory] if single else \
+        sorted(p for p in directory.iterdir() if p.is_dir() and (p / results.CONFIG).exists())
+    notes: list[str] = []
+    try:
+        sweep = results.load_object(directory / "sweep.json") or {}
+    except results.RunFileError as exc:
+        sweep = {}
+        notes.append(f"{exc}: runs that failed before writing their folder may be missing from this report")
     errors = {name: entry.get("error") for name, entry in sweep.get("runs", {}).items()}
-    runs = []
+    runs, refused = [], []
     for folder in folders:
-        config = results.read_config(folder)
-        if not isinstance(config, dict):
+        try:
+            config = results.load_object(folder / results.CONFIG)
+            summary = results.load_object(folder / results.SUMMARY)
+            if summary is not None:
+                check_summary(summary, folder / results.SUMMARY)
+        except results.RunFileError as exc:
+            refused.append(RunResult(folder.name, {}, [], None, str(exc)))
             continue
-        metrics = results.read_metrics(folder)
-        summary = results.read_summary(folder)
+        skipped: list[tuple[int, str]] = []
+        metrics = results.read_metrics(folder, skipped)
+        where = results.METRICS if single else f"{folder.name}/{results.METRICS}"
+        notes += [f"`{where}` line {number}: {why}; the line was skipped" for number, why in skipped]
         error = None if summary else (errors.get(folder.name) or "unfinished (no summary.json)")
-        runs.append(RunResult(folder.name, config, metrics, summary, error))
-    known = {r.name for r in runs}
+        runs.append(RunResult(folder.name, config or {}, metrics, summary, error))
+    known = {r.name for r in runs} | {r.name for r in refused}
     lost = [{"name": name, "error": entry.get("error") or entry.get("status")}
             for name, entry in sweep.get("runs", {}).items()
             if name not in known and entry.get("status") in ("failed", "stopped", "running", "pending")]
-    return runs, lost
+    return runs, lost, refused, notes
 
 
 def group(runs: list[RunResult]) -> list[Row]:
@@ -104,7 +138,8 @@ def varying_keys(rows: list[Row], directory: Path) -> list[str]:
     otherwise every setting that differs."""
     keys = sorted({k for row in rows for k in row.config})
     differing = [k for k in keys if len({json.dumps(row.config.get(k)) for row in rows}) > 1]
-    vary = [k for k in (results.read_json(directory / "sweep.json") or {}).get("vary", {}) if k in differing]
+    sweep = results.read_json(directory / "sweep.json")
+    vary = [k for k in (sweep.get("vary", {}) if isinstance(sweep, dict) else {}) if k in differing]
     if vary and len({tuple(json.dumps(row.config.get(k)) for k in vary) for row in rows}) == len(rows):
         return vary
     return differing
@@ -256,7 +291,10 @@ def run(args: argparse.Namespace) -> int:
     directory = Path(args.directory)
     if not directory.is_dir():
         raise UsageError(f"{directory} is not a folder")
-    runs, lost = collect(directory)
+    runs, lost, refused, notes = collect(directory)
+    if not runs and refused:
+        more = f" (and {len(refused) - 1} more refused)" if len(refused) > 1 else ""
+        raise UsageError(f"{directory} holds no readable run: {refused[0].error}{more}")
     if not runs:
         raise UsageError(f"{directory} holds no runs (no folder with a config.json)")
     if args.target is not None and not 0 < args.target <= 1:
@@ -274,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
     figures = plots.sweep_figures(rows, keys, directory)
     failed = [r for r in runs if r.summary is None] + [RunResult(x["name"], {}, [], None, x["error"]) for x in lost]
     text = [f"# Report: {directory}", "",
-            f"{len(runs) + len(lost)} runs, {len(rows)} configurations; mean ± sample std over seeds; "
+            f"{len(runs) + len(lost) + len(refused)} runs, {len(rows)} configurations; mean ± sample std over seeds; "
             f"target accuracy {100 * target:.1f}%. 'vs FedAvg+SGD' is the difference in mean final accuracy to the "
             "FedAvg + SGD run with the same other settings, ± its standard error; *better*/*worse* beyond 2 SE. "
             "'still rising' is the last 10% of rounds' mean accuracy minus that of the 10% before: near 0 once "
@@ -282,6 +320,11 @@ def run(args: argparse.Namespace) -> int:
             markdown_table(header, lines), ""]
     if failed:
         text += ["## Failed or unfinished runs", ""] + [f"- `{r.name}`: {r.error}" for r in failed] + [""]
+    if refused:
+        text += ["## Refused runs", "", "Left out of the table and the figures: a file the report needs is broken.",
+                 ""] + [f"- `{r.name}`: refused: {r.error}" for r in refused] + [""]
+    if notes:
+        text += ["## Problems in the run files", ""] + [f"- {note}" for note in notes] + [""]
     text += [f"![{name}]({name})" for name in figures]
     (directory / "report.md").write_text("\n".join(text) + "\n")
     buffer = io.StringIO()
@@ -292,5 +335,7 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(header, lines))
     if failed:
         print(f"{len(failed)} run(s) failed or unfinished: " + ", ".join(r.name for r in failed))
+    if refused:
+        print(f"{len(refused)} run(s) refused (broken files, see report.md): " + ", ".join(r.name for r in refused))
     print(f"wrote {directory / 'report.md'}, report.csv, " + ", ".join(figures))
     return 0

@@ -38,6 +38,31 @@ def read_json(path: Path) -> Any:
         return None
 
 
+class RunFileError(ValueError):
+    """A run file that is there but cannot be used; the message names the file and says why."""
+
+
+JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+              type(None): "null"}
+
+
+def load_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, ``None`` when there is no such file, and ``RunFileError`` when
+    the file is there but unreadable, not JSON or not an object: a broken file is never taken for a
+    missing one (a report that called a run with a broken summary "unfinished" would lie)."""
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except OSError as exc:
+        raise RunFileError(f"{path} is unreadable ({exc.strerror or exc})") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise RunFileError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise RunFileError(f"{path} holds {JSON_TYPES.get(type(value), 'a value')}, not a JSON object")
+    return value
+
+
 def read_config(out: Path) -> dict[str, Any] | None:
     """The run's saved settings (dashed keys), or ``None`` when the folder holds no readable one."""
     config = read_json(out / CONFIG)
@@ -62,10 +87,33 @@ def holds_a_run(out: Path) -> str | None:
     return None
 
 
-def read_metrics(out: Path) -> list[dict[str, Any]]:
+def _round_problem(record: Any) -> str | None:
+    """Why a parsed ``metrics.jsonl`` line is no round record (``None`` when it is one): the
+    report plots and averages ``round`` and ``test_accuracy``, so those must be numbers."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if not isinstance(record.get("round"), int) or isinstance(record.get("round"), bool):
+        return "no integer 'round'"
+    accuracy = record.get("test_accuracy")
+    if accuracy is not None and (isinstance(accuracy, bool) or not isinstance(accuracy, (int, float))):
+        return "'test_accuracy' is not a number"
+    return None
+
+
+def rounds_recorded(out: Path) -> int:
+    """How far a run under way has got, cheaply: the lines in its metrics.jsonl (a resumed run's
+    included), for progress lines; ``read_metrics`` is the careful read."""
+    try:
+        return sum(1 for line in (out / METRICS).read_text(errors="replace").splitlines() if line.strip())
+    except OSError:
+        return 0
+
+
+def read_metrics(out: Path, skipped: list[tuple[int, str]] | None = None) -> list[dict[str, Any]]:
     """The rounds in the run's ``metrics.jsonl`` (none if it has no such file). A line that is not a
-    JSON object (a torn write, a bad edit) is skipped with a warning rather than ending the read:
-    later rounds are still good data."""
+    round record (a torn write, a bad edit) is skipped with a warning rather than ending the read:
+    later rounds are still good data. ``skipped``, if given, gets (line number, why) of each, so a
+    report can say so too."""
     path = out / METRICS
     if not path.is_file():
         return []
@@ -77,8 +125,11 @@ def read_metrics(out: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             record = None
-        if not isinstance(record, dict):
-            sys.stderr.write(f"warning: {path}:{number}: not a JSON object, line skipped\n")
+        problem = _round_problem(record)
+        if problem is not None:
+            sys.stderr.write(f"warning: {path}:{number}: {problem}, line skipped\n")
+            if skipped is not None:
+                skipped.append((number, problem))
             continue
         records.append(record)
     return records
@@ -95,10 +146,12 @@ class RunRecorder:
     """Appends a line to ``metrics.jsonl`` per round, prints progress, writes the summary at the end."""
 
     def __init__(self, out: Path, rounds: int, title: str, echo: bool = True,
-                 records: list[dict[str, Any]] | None = None) -> None:
+                 records: list[dict[str, Any]] | None = None, earlier_seconds: float = 0.0) -> None:
         """``records``: the rounds already done (from a checkpoint); ``metrics.jsonl`` is rewritten
-        to hold exactly those, dropping any round written after the checkpoint."""
+        to hold exactly those, dropping any round written after the checkpoint. ``earlier_seconds``:
+        the time those rounds took, so that "elapsed" counts the whole run, not since the resume."""
         self.out, self.rounds, self.title, self.echo = out, rounds, title, echo
+        self.earlier_seconds = earlier_seconds
         self.records: list[dict[str, Any]] = list(records or [])
         tmp = out / (METRICS + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
@@ -117,7 +170,7 @@ class RunRecorder:
 
     def progress_line(self, record: dict[str, Any]) -> str:
         done = record["round"] - self.first_round + 1
-        elapsed = time.monotonic() - self.started
+        elapsed = time.monotonic() - self.started  # this session's pace gives the ETA
         eta = elapsed / done * (self.rounds - record["round"])
         parts = [f"round {record['round']:>{len(str(self.rounds))}}/{self.rounds}"]
         if record.get("test_accuracy") is not None:
@@ -128,7 +181,7 @@ class RunRecorder:
         if record.get("failed_clients"):
             parts.append(f"{record['failed_clients']} client(s) failed")
         parts.append(f"{record['seconds']:.1f} s")
-        parts.append(f"elapsed {duration(elapsed)}  ETA {duration(eta)}")
+        parts.append(f"elapsed {duration(self.earlier_seconds + elapsed)}  ETA {duration(eta)}")
         return " · ".join(parts)
 
     def finish(self, model_state: dict[str, torch.Tensor], wall_seconds: float) -> dict:

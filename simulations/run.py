@@ -22,7 +22,7 @@ from simulations import checkpoint
 from simulations import config as configuration
 from simulations.errors import UsageError
 from simulations.config import ConfigError, ExperimentConfig
-from simulations.experiment import RunFailed, check, run_experiment, write_run_files
+from simulations.experiment import RunFailed, check, check_saved_partition, run_experiment, write_run_files
 from simulations.presets import PRESETS
 from simulations.ray_cluster import check_reachable
 from simulations import results
@@ -229,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
         if args.resume:
             cfg, state = resume_args(args)
             checked = check(cfg)
+            check_saved_partition(checked, Path(cfg.out))
         else:
             cfg = resolve_args(args)
             fresh_out(Path(cfg.out))

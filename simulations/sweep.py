@@ -10,7 +10,9 @@ sweep again:
 - a finished one whose only difference is a larger ``--rounds`` is extended from its checkpoint,
   so a grid that has not flattened yet can be given more rounds without redoing the first ones.
 
-``DIR/sweep.json`` records every run's settings and status.
+``DIR/sweep.json`` records every run's settings and status. While runs are under way, a line
+every 10 s or so (when a round has ended) gives each one's round, ``round x/y``; a line per
+finished run gives its outcome.
 
 Ctrl-C stops a sweep the way it stops a run: the runs under way finish their round, write a
 checkpoint and exit (a second Ctrl-C stops them at once), nothing new starts, and running the same
@@ -54,6 +56,7 @@ from simulations.results import duration
 from simulations.run import RESUMABLE
 
 NOT_VARIABLE = ("out", "seed")
+PROGRESS_EVERY = 10.0  # seconds between two lines on the runs under way (when a round has ended)
 STOPPED = (130, -signal.SIGINT)  # a run's exit after Ctrl-C: with a fresh checkpoint, or at once
 
 
@@ -70,11 +73,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
                         help="a fedsam run flag without its dashes and the values to try (repeatable)")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
-    parser.add_argument("--parallel", default="auto", help="runs at once: a number, or auto (default)")
+    parser.add_argument("--seeds", default="0", metavar="N,N,...", help="comma-separated seeds (default: 0)")
+    parser.add_argument("--seed", default=argparse.SUPPRESS, metavar="N",
+                        help="not for a sweep: give its seeds with --seeds (refused, never read as --seeds)")
+    parser.add_argument("--parallel", default="auto", metavar="N|auto",
+                        help="runs at once: a number, or auto (default)")
     parser.add_argument("--preset", choices=tuple(PRESETS), help="start every run from a preset")
     parser.add_argument("--config", metavar="FILE.toml", help="settings file shared by every run")
-    configuration.add_flags(parser)
+    configuration.add_flags(parser, exclude=("seed",))
     parser.set_defaults(handler=run)
 
 
@@ -120,12 +126,15 @@ def run_name(params: dict[str, Any], seed: int) -> str:
 
 
 def plan(args: argparse.Namespace, sweep_dir: Path) -> list[PlannedRun]:
+    if "seed" in vars(args):  # one seed flag per sweep: --seed never silently loses to --seeds
+        raise UsageError(f"--seed {args.seed}: a sweep takes its seeds from --seeds (e.g. --seeds {args.seed})")
+    if args.config and "seed" in configuration.read_toml(args.config):
+        raise UsageError(f"config file {args.config} sets seed, which --seeds would override; "
+                         "give a sweep's seeds with --seeds only")
     varied = parse_vary(args.vary)
     seeds = parse_seeds(args.seeds)
     base = configuration.flags_given(args)
     base.pop("out", None)
-    if "seed" in base:
-        raise UsageError("give seeds with --seeds, not --seed")
     runs = []
     for values in itertools.product(*varied.values()):
         params = dict(zip(varied, values))
@@ -261,6 +270,10 @@ def _write_record(path: Path, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def run_label(planned: PlannedRun) -> str:
+    return " ".join(f"{k}={v}" for k, v in planned.params.items()) + f" seed={planned.seed}"
+
+
 def _last_error(log: Path) -> str:
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.exists() else []
     for line in reversed(lines):
@@ -316,6 +329,8 @@ def run(args: argparse.Namespace) -> int:
     active: list[tuple[PlannedRun, subprocess.Popen, float, Any]] = []
     finished = 0
     queue = list(todo)
+    shown: dict[str, int] = {}
+    shown_at = 0.0
     with ForwardSignals(lambda: [proc for _, proc, _, _ in active]) as interrupt:
         while (queue and not interrupt.stopping) or active:
             while queue and len(active) < parallel and not interrupt.stopping:
@@ -330,6 +345,11 @@ def run(args: argparse.Namespace) -> int:
                 record["runs"][planned.name]["status"] = "running"
                 _write_record(sweep_dir / "sweep.json", record)
             time.sleep(0.5)
+            now = {p.name: results.rounds_recorded(Path(p.cfg.out)) for p, *_ in active}
+            if now != shown and any(now.values()) and time.monotonic() - shown_at >= PROGRESS_EVERY:
+                shown, shown_at = now, time.monotonic()  # the runs under way, not only the finished ones
+                print("  under way: " + " · ".join(f"{run_label(p)} round {now[p.name]}/{p.cfg.rounds}"
+                                                    for p, *_ in active), flush=True)
             for item in list(active):
                 planned, proc, t0, log = item
                 if proc.poll() is None:
@@ -340,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
                 entry = record["runs"][planned.name]
                 entry["seconds"] = time.monotonic() - t0
                 entry["returncode"] = proc.returncode
-                label = " ".join(f"{k}={v}" for k, v in planned.params.items()) + f" seed={planned.seed}"
+                label = run_label(planned)
                 # the folder decides: a Ctrl-C that comes as a run ends its last round finds it done
                 if (proc.returncode == 0 or proc.returncode in STOPPED) and state_of(planned)[0] == "done":
                     entry["status"] = "done"

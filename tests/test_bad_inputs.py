@@ -8,7 +8,7 @@ import hashlib
 import pytest
 
 from tests.helpers import run_cli
-from tests.synthetic import write_cifar10
+from tests.synthetic import write_cifar10, write_cifar100
 
 
 @pytest.fixture
@@ -38,8 +38,30 @@ def world(tmp_path, cifar10_dir, monkeypatch):
     (tmp_path / "garbage.toml").write_bytes(b"\xff\xfe\x00 = = =")
     (tmp_path / "unknown.toml").write_text('rounds = 3\nlearning_rate = 0.1\n')
     (tmp_path / "empty").mkdir()
+    (tmp_path / "seeded.toml").write_text("seed = 3\n")
+    cifar100 = write_cifar100(tmp_path / "c100", train=100, test=100)
     return {"data": str(cifar10_dir), "corrupt": str(corrupt), "finished": str(finished),
-            "unresumable": str(unresumable), "tmp": str(tmp_path)}
+            "unresumable": str(unresumable), "tmp": str(tmp_path), "cifar100": str(cifar100),
+            "edited": str(_run_with_an_edited_partition(tmp_path / "edited", cifar10_dir))}
+
+
+def _run_with_an_edited_partition(out, data_dir):
+    """A run stopped after round 1 whose partition.json was then edited: one sample moved between clients."""
+    import json
+
+    import torch
+
+    from simulations import checkpoint, config
+    from simulations.experiment import check, write_run_files
+
+    cfg = config.resolve({"data_dir": str(data_dir), "out": str(out), "rounds": 3}).resolved()
+    write_run_files(check(cfg), out)
+    record = json.loads((out / "partition.json").read_text())
+    record["clients"][1].append(record["clients"][0].pop())
+    (out / "partition.json").write_text(json.dumps(record) + "\n")
+    checkpoint.save(out, {"round": 1, "config": cfg.to_dict(), "arrays": {}, "strategy": {}, "records": [],
+                          "torch_rng": torch.get_rng_state(), "elapsed": 1.0})
+    return out
 
 
 CASES = [
@@ -64,9 +86,15 @@ CASES = [
     (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--num-clients", "5000"], "5000 clients but only 1000"),
     (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--rounds", "1.5"], "invalid int value"),
     (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--seed", "-1"], "seed must be >= 0, got -1"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--seed", str(2 ** 63)], "seed must be below 2**63"),
+    (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--seed", "1" + "0" * 30], "seed must be below 2**63"),
     # missing or corrupt data
     (["run", "--data-dir", "{tmp}/nowhere", "--out", "{tmp}/o"], "CIFAR-10 not found"),
     (["run", "--data-dir", "{corrupt}", "--out", "{tmp}/o"], "corrupt CIFAR-10 file"),
+    (["run", "--data-dir", "{cifar100}", "--out", "{tmp}/o"],
+     "holds CIFAR-100 ({cifar100}/cifar-100-python), not CIFAR-10; pass --dataset cifar100"),
+    (["run", "--data-dir", "{cifar100}/cifar-100-python", "--out", "{tmp}/o"], "holds CIFAR-100"),
+    (["run", "--dataset", "cifar100", "--data-dir", "{data}", "--out", "{tmp}/o"], "holds CIFAR-10 ("),
     # config files
     (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--config", "{tmp}/garbage.toml"], "not readable TOML"),
     (["run", "--data-dir", "{data}", "--out", "{tmp}/o", "--config", "{tmp}/unknown.toml"],
@@ -80,6 +108,8 @@ CASES = [
     (["run", "--data-dir", "{data}", "--out", "{tmp}/a-file"], "a-file is a file, not a folder"),
     (["run", "--data-dir", "{data}", "--out", "{tmp}/a-file/run"], "a-file is a file, not a folder"),
     (["run", "--resume", "{finished}", "--strategy", "fedavg"], "--strategy cannot change"),
+    (["run", "--resume", "{edited}"], "partition.json does not match the split the run's settings make "
+                                      "(client 0's samples differ)"),
     # fedsam partition
     (["partition", "--data-dir", "{data}", "--out", "{tmp}/p", "--partition", "pathological",
       "--classes-per-client", "12"], "only 10 classes"),
@@ -90,6 +120,14 @@ CASES = [
     (["sweep", "--data-dir", "{data}", "--out", "{tmp}/s", "--vary", "lr="], "empty value list"),
     (["sweep", "--data-dir", "{data}", "--out", "{tmp}/s", "--vary", "lr=0.1", "--seeds", "0,x"], "--seeds"),
     (["sweep", "--data-dir", "{data}", "--out", "{tmp}/s", "--vary", "rounds=0,1"], "rounds must be >= 1"),
+    (["sweep", "--data-dir", "{data}", "--out", "{tmp}/s", "--vary", "lr=0.1", "--seeds", f"0,{2 ** 64}"],
+     "seed must be below 2**63"),
+    (["sweep", "--data-dir", "{data}", "--out", "{tmp}/s", "--vary", "lr=0.1", "--seed", "3"],
+     "--seed 3: a sweep takes its seeds from --seeds"),
+    (["sweep", "--data-dir", "{data}", "--out", "{tmp}/s", "--vary", "lr=0.1", "--seeds", "1", "--seed", "3"],
+     "--seed 3: a sweep takes its seeds from --seeds"),
+    (["sweep", "--data-dir", "{data}", "--out", "{tmp}/s", "--vary", "lr=0.1", "--config", "{tmp}/seeded.toml"],
+     "sets seed, which --seeds would override"),
     # fedsam report
     (["report", "{tmp}/empty"], "holds no runs"),
     (["report", "{tmp}/missing"], "is not a folder"),

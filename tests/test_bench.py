@@ -9,16 +9,14 @@ import math
 import subprocess
 import sys
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_cli
 
-
-
-pytestmark = pytest.mark.processes  # every test here starts fedsam, Ray or Flower processes
 
 def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.processes
 def test_quick_bench_writes_every_part(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "simulations", "bench", "--quick", "--device", "cpu",
@@ -47,7 +45,21 @@ def test_quick_bench_writes_every_part(tmp_path):
         assert r["batched_max_rel_diff"] < 1e-2  # the same training, to float32 rounding
 
 
+@pytest.mark.processes
 def test_bench_bad_input(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "simulations", "bench", "--quick", "--data-dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not found" in proc.stderr
+
+
+def test_bench_writes_under_runs_by_default(tmp_path, monkeypatch, capsys):
+    """Not into the repository root: runs/ is where every other result goes (and is ignored)."""
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = run_cli(["bench", "--quick", "--device", "cpu", "--skip", "a,c,d,e,f"], capsys)
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "runs" / "bench.json").read_text())["quick"] is True
+    assert "wrote runs/bench.json" in stdout
+    (tmp_path / "a-file").write_text("")
+    for out, fragment in (("a-file/bench.json", "a-file is a file, not a folder"), ("runs", "runs is a folder")):
+        code, _, stderr = run_cli(["bench", "--quick", "--device", "cpu", "--out", out], capsys)
+        assert code == 2 and stderr.count("\n") == 1 and fragment in stderr, stderr

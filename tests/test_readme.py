@@ -36,3 +36,13 @@ def test_the_plain_pytorch_sam_loop_runs_and_learns():
 def test_the_plug_in_snippet_names_real_functions():
     block = next(b for b in _python_blocks() if "from fedsam.optim import build, register" in b)
     assert "build(\"sam\"" in block and "register(" in block
+
+
+def test_the_first_commands_cover_a_machine_without_network_or_gpu():
+    """Ready to copy: the offline run (no --download) and the CPU-only PyTorch that spares ~6 GB of CUDA wheels."""
+    first = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S).group(1)
+    lines = [line for line in first.splitlines() if not line.startswith("#")]
+    assert "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in lines
+    offline = next(line for line in lines if "--data-dir ../shared/data/cifar10-subset" in line)
+    assert offline.startswith("fedsam run ") and "--download" not in offline
+    assert len((ROOT / "README.md").read_text().splitlines()) < 300

@@ -310,3 +310,22 @@ def test_config_json_holds_an_absolute_data_dir_so_the_run_works_from_anywhere(c
     code, stdout, err = run_cli(["sharpness", out / "model.pt", "--samples", 32, "--iters", 2, "--device", "cpu"],
                                 capsys)
     assert code == 0 and "λ_max" in stdout, err
+
+
+def test_after_a_resume_elapsed_counts_the_whole_run(tmp_path):
+    """The progress line's elapsed time goes on from the checkpoint's, while the ETA uses this session's pace."""
+    from simulations.results import RunRecorder
+
+    done = [{"round": r, "train_loss": 1.0, "seconds": 1.0} for r in (1, 2)]
+    recorder = RunRecorder(tmp_path, rounds=4, title="t", echo=False, records=done, earlier_seconds=3725.0)
+    recorder.started -= 10  # round 3 took 10 s in this session
+    line = recorder.progress_line({"round": 3, "train_loss": 0.5, "seconds": 10.0})
+    assert "elapsed 1:02:15" in line and "ETA 0:10" in line, line
+
+
+def test_resume_accepts_the_partition_json_it_wrote(cifar10_dir, tmp_path):
+    from simulations.experiment import check, check_saved_partition, write_run_files
+
+    cfg = _cfg(cifar10_dir, tmp_path / "run", partition="pathological")
+    write_run_files(check(cfg), tmp_path / "run")
+    check_saved_partition(check(cfg), tmp_path / "run")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,6 +247,49 @@ def test_sigterm_ends_the_sweep_and_its_runs(cifar10_dir, tmp_path, capsys, fake
     assert signal.getsignal(signal.SIGTERM) is sigterm_before
 
 
+# Stands in for ``fedsam run``: records its rounds one by one, waiting for the sweep to show each.
+SLOW_RUN = """
+import json, pathlib, sys, time
+out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
+config = json.loads(sys.argv[2])
+(out / "config.json").write_text(json.dumps(config))
+seen, label = pathlib.Path(sys.argv[3]), out.name.replace("__", " ")
+for r in range(1, config["rounds"] + 1):
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"round": r, "test_accuracy": 0.1 * r}) + "\\n")
+    deadline = time.time() + 30
+    while time.time() < deadline and f"{label} round {r}/{config['rounds']}" not in seen.read_text():
+        time.sleep(0.05)
+(out / "summary.json").write_text(json.dumps({"rounds": config["rounds"], "final_test_accuracy": 0.3}))
+"""
+
+
+def test_a_running_sweep_shows_the_round_of_each_run_under_way(cifar10_dir, tmp_path, capsys, monkeypatch):
+    from simulations import sweep
+
+    seen = tmp_path / "seen.txt"
+    seen.write_text("")
+    monkeypatch.setattr(sweep, "PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(sweep, "command", lambda cfg, ray_cpus, resume=False:
+                        [sys.executable, "-c", SLOW_RUN, cfg.out, json.dumps(cfg.to_dict()), str(seen)])
+    real_print = print
+
+    def tee(*args, **kwargs):  # the fake runs wait until the sweep has shown their round
+        real_print(*args, **kwargs)
+        with open(seen, "a") as f:
+            f.write(" ".join(map(str, args)) + "\n")
+
+    monkeypatch.setattr("builtins.print", tee)
+    code, stdout, stderr = run_cli(["sweep", "--out", tmp_path / "grid", "--data-dir", cifar10_dir,
+                                    "--vary", "lr=0.1,0.2", "--parallel", "2", "--rounds", "3"], capsys)
+    assert code == 0, stdout + stderr
+    progress = [line for line in stdout.splitlines() if line.startswith("  under way: ")]
+    for lr in ("0.1", "0.2"):
+        for r in (1, 2, 3):
+            assert any(f"lr={lr} seed=0 round {r}/3" in line for line in progress), progress
+    assert "sweep finished: 2 of 2 runs done" in stdout
+
+
 def test_last_tenth_and_rounds_to_target():
     metrics = [{"round": r, "test_accuracy": a} for r, a in zip(range(1, 21), [0.1 * (i % 10) for i in range(20)])]
     assert last_tenth_mean(metrics) == pytest.approx((0.8 + 0.9) / 2)
@@ -318,3 +362,84 @@ def test_a_sweep_with_a_relative_data_dir_finds_its_finished_runs_again(cifar10_
     (out / "summary.json").write_text("{}")
     assert json.loads((out / "config.json").read_text())["data-dir"] == str(cifar10_dir.resolve())
     assert sweep.state_of(planned) == ("done", "")
+
+
+def _fake_run(folder, lr, sharpness=None, rounds=10):
+    """A finished run's files, written by hand: accuracy climbing to ``10 * lr`` by the last round."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"strategy": "fedsam", "optimizer": "sam", "lr": lr, "seed": 0}))
+    lines = [json.dumps({"round": r, "test_accuracy": 10 * lr * r / rounds, "sharpness": sharpness})
+             for r in range(1, rounds + 1)]
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "summary.json").write_text(json.dumps({
+        "final_test_accuracy": 10 * lr, "best_test_accuracy": 10 * lr, "wall_seconds": 1.0,
+        "final_sharpness": sharpness}))
+    return folder
+
+
+def test_broken_run_files_are_refused_by_name_in_the_report_and_kept_out_of_its_figures(tmp_path, capsys):
+    """A broken config.json or summary.json is neither dropped unsaid nor called unfinished; a
+    skipped metrics line is named in report.md, not only on stderr."""
+    grid = tmp_path / "grid"
+    _fake_run(grid / "lr=0.01", 0.01)
+    torn = _fake_run(grid / "lr=0.02", 0.02)
+    lines = (torn / "metrics.jsonl").read_text().splitlines()
+    lines[2] = lines[2][:7]
+    lines[3] = json.dumps({"test_accuracy": 0.5})  # an object, but no round
+    (torn / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (_fake_run(grid / "lr=0.03", 0.03) / "config.json").write_text('{"strategy": "fedsam", ')
+    (_fake_run(grid / "lr=0.04", 0.04) / "summary.json").write_text('{"final_test_accuracy": 0.')
+    unreadable = _fake_run(grid / "lr=0.05", 0.05)
+    (unreadable / "summary.json").unlink()
+    (unreadable / "summary.json").mkdir()
+    (_fake_run(grid / "lr=0.06", 0.06) / "summary.json").write_text('{"final_test_accuracy": "high"}')
+
+    code, stdout, stderr = run_cli(["report", grid], capsys)
+    assert code == 0, stderr
+    md = (grid / "report.md").read_text()
+    assert "6 runs, 2 configurations" in md and "## Refused runs" in md
+    refused = md.split("## Refused runs")[1]
+    assert f"`lr=0.03`: refused: {grid / 'lr=0.03' / 'config.json'} is not valid JSON" in refused
+    assert f"`lr=0.04`: refused: {grid / 'lr=0.04' / 'summary.json'} is not valid JSON" in refused
+    assert f"`lr=0.05`: refused: {grid / 'lr=0.05' / 'summary.json'} is unreadable" in refused
+    assert f"`lr=0.06`: refused: {grid / 'lr=0.06' / 'summary.json'}: final_test_accuracy is not a number" in refused
+    assert "## Failed or unfinished runs" not in md  # a broken summary is not an unfinished run
+    assert "`lr=0.02/metrics.jsonl` line 3: not a JSON object; the line was skipped" in md
+    assert "`lr=0.02/metrics.jsonl` line 4: no integer 'round'; the line was skipped" in md
+    assert "4 run(s) refused" in stdout and "lr=0.03" in stdout
+    rows = list(csv.DictReader(open(grid / "report.csv")))
+    assert [(float(r["lr"]), r["seeds_done"], float(r["final_mean"])) for r in rows] == [
+        (0.01, "1", pytest.approx(0.1)), (0.02, "1", pytest.approx(0.2))]
+
+
+def test_a_report_of_only_broken_runs_says_why_in_one_line(tmp_path, capsys):
+    run = _fake_run(tmp_path / "run", 0.01)
+    (run / "summary.json").write_text("[1, 2]")
+    code, _, stderr = run_cli(["report", run], capsys)
+    assert code == 2 and stderr.count("\n") == 1
+    assert f"holds no readable run: {run / 'summary.json'} holds an array, not a JSON object" in stderr
+
+
+def test_the_sharpness_plot_has_a_title_and_axis_labels(tmp_path, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    saved = {}
+    real_savefig = Figure.savefig
+
+    def keep(fig, path, *args, **kwargs):
+        saved[Path(path).name] = [(ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
+        return real_savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    bars, lines = tmp_path / "bars", tmp_path / "lines"  # one bar per configuration; λ_max against α
+    for lr in (0.01, 0.02):
+        _fake_run(bars / f"lr={lr}", lr, sharpness=12.5)
+    for alpha in (0.1, 1.0):
+        folder = _fake_run(lines / f"alpha={alpha}", 0.03, sharpness=3.0 / alpha)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "dirichlet-alpha": alpha}))
+    for grid in (bars, lines):
+        code, _, stderr = run_cli(["report", grid], capsys)
+        assert code == 0, stderr
+        (title, xlabel, ylabel), = saved.pop("sharpness.png")
+        assert "sharpness" in title and xlabel and "λ_max" in ylabel, (grid.name, title, xlabel, ylabel)

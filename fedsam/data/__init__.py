@@ -3,7 +3,7 @@
 from .batches import DeviceBatches
 from .cifar import DATASETS, DataError, ImageDataset, load
 from .partition import SCHEMES, Partition, PartitionError, PartitionSpec, make_partition
-from .report import format_summary, label_counts, summarize, write_partition_json
+from .report import format_summary, label_counts, partition_record, summarize, write_partition_json
 
 __all__ = [
     "DATASETS",
@@ -18,6 +18,7 @@ __all__ = [
     "label_counts",
     "load",
     "make_partition",
+    "partition_record",
     "summarize",
     "write_partition_json",
 ]

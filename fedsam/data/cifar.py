@@ -154,6 +154,17 @@ def _download(layout: Layout, data_dir: Path) -> None:
         raise DataError(f"could not download {layout.title} into {data_dir}: {type(exc).__name__}: {exc}") from exc
 
 
+def _refuse_the_other_dataset(layout: Layout, data_dir: Path) -> None:
+    """A data-dir that holds CIFAR-100 when CIFAR-10 was asked for (or the reverse) is a wrong
+    --dataset or --data-dir, not missing data: say which folder was found instead."""
+    for name, other in LAYOUTS.items():
+        found = _folder(other, data_dir)
+        if other is not layout and (found / other.test_file).is_file():
+            raise DataError(f"{layout.title} not found: --data-dir {data_dir} holds {other.title} ({found}), not "
+                            f"{layout.title}; pass --dataset {name} to use it, or point "
+                            f"--data-dir at the folder that holds {layout.folder}/")
+
+
 def load(name: str, data_dir: str | Path, download: bool = False) -> ImageDataset:
     """Load ``cifar10`` or ``cifar100`` (fine labels) from ``data_dir``, downloading it if allowed."""
     if name not in LAYOUTS:
@@ -167,6 +178,8 @@ def load(name: str, data_dir: str | Path, download: bool = False) -> ImageDatase
         folder = data_dir / layout.folder
         missing = _missing(layout, folder)
     if missing:
+        if not folder.is_dir():
+            _refuse_the_other_dataset(layout, data_dir)
         raise DataError(
             f"{layout.title} not found: {folder} lacks {', '.join(missing)}; pass --download to fetch it "
             f"with torchvision, or point --data-dir at the folder that holds {layout.folder}/"

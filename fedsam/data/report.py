@@ -53,9 +53,10 @@ def format_summary(dataset: str, partition: Partition, summary: dict[str, Any], 
     return "\n".join(lines)
 
 
-def write_partition_json(path: str | Path, dataset: str, partition: Partition, summary: dict[str, Any]) -> None:
+def partition_record(dataset: str, partition: Partition, summary: dict[str, Any]) -> dict[str, Any]:
+    """What ``partition.json`` holds: the split's spec, its summary and every client's indices."""
     spec = partition.spec
-    record = {
+    return {
         "dataset": dataset,
         "partition": spec.scheme,
         "params": spec.params(),
@@ -66,4 +67,7 @@ def write_partition_json(path: str | Path, dataset: str, partition: Partition, s
         "moved_to_empty_clients": partition.moved_to_empty_clients,
         "clients": [c.tolist() for c in partition.clients],
     }
-    Path(path).write_text(json.dumps(record) + "\n")
+
+
+def write_partition_json(path: str | Path, dataset: str, partition: Partition, summary: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(partition_record(dataset, partition, summary)) + "\n")
