@@ -24,7 +24,7 @@ from flwr.supercore import log
 
 from fedsam import wire
 
-from .sampling import ClientSampler, NodeSetupError, query_partition_ids
+from .sampling import ClientSampler, NodeSetupError, query_partition_ids, short_reason
 
 
 def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -157,9 +157,8 @@ class SeededRounds:
         pairs = self.client_replies(replies)
         self.answered = {pid for pid, _ in pairs}
         for pid, reply in pairs:
-            if reply.has_error():  # the first line: Flower and Ray append pages of detail
-                reason = (reply.error.reason or "").strip().splitlines()
-                self.failures.append((pid, reason[0] if reason else f"error code {reply.error.code}"))
+            if reply.has_error():  # one line: Flower and Ray wrap the client's message in pages of detail
+                self.failures.append((pid, short_reason(reply.error.reason) or f"error code {reply.error.code}"))
             elif not all(_is_finite(r) for r in reply.content.array_records.values()):
                 self.failures.append((pid, "non-finite values in the returned arrays"))
             else:

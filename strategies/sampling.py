@@ -8,6 +8,7 @@ are asked once for their partition id (``query.partition_id``) to route the mess
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -43,12 +44,20 @@ class NodeSetupError(RuntimeError):
     """The nodes cannot serve this run (a missing or out-of-range partition id, ...)."""
 
 
-def _reason(text: str) -> str:
-    """The ClientApp's own message, without the wrapping Flower adds around it."""
-    for marker in ("Message: ", ":<'"):
-        if marker in text:
-            text = text.split(marker, 1)[1]
-    return text.strip().strip("'>").strip().splitlines()[0] if text.strip() else text
+def short_reason(text: str) -> str:
+    """One line of a client's error: the ClientApp's own message out of the pages of wrapping and
+    traceback that Flower and Ray put around it."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text or "").strip()
+    if "Message: " in text:
+        text = text.rsplit("Message: ", 1)[1]
+    else:
+        raised = [line for line in text.splitlines() if re.match(r"^[\w.]+(Error|Exception): ", line.strip())]
+        if raised:
+            text = raised[-1].strip()
+    if ":<'" in text.partition("\n")[0]:  # Flower's "<class 'X'>:<'message'>"
+        text = text.split(":<'", 1)[1]
+    first = text.strip().strip("'>").strip().splitlines()
+    return first[0][:300] if first else ""
 
 
 def query_partition_ids(grid: Grid, node_ids: Iterable[int], timeout: float,
@@ -66,7 +75,7 @@ def query_partition_ids(grid: Grid, node_ids: Iterable[int], timeout: float,
     for reply in replies:
         if reply.has_error():
             raise NodeSetupError(
-                f"node {reply.metadata.src_node_id} cannot serve this run: {_reason(reply.error.reason)} "
+                f"node {reply.metadata.src_node_id} cannot serve this run: {short_reason(reply.error.reason)} "
                 "(seeded sampling needs ClientApps that answer query.partition_id, as fedsam.client_app does)"
             )
         pid = int(reply.content["partition"]["partition-id"])
