@@ -185,7 +185,7 @@ def check_saved_partition(checked: Checked, out: Path) -> None:
     labels = checked.data.train_labels.numpy()
     wanted = json.loads(json.dumps(partition_record(checked.cfg.dataset, checked.partition,
                                                     summarize(checked.partition, labels, checked.data.num_classes))))
-    saved = results.read_json(path)
+    saved = results.read_object(path)
     if not isinstance(saved, dict):
         why = "it is not a readable JSON object"
     else:

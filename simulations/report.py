@@ -138,7 +138,7 @@ def varying_keys(rows: list[Row], directory: Path) -> list[str]:
     otherwise every setting that differs."""
     keys = sorted({k for row in rows for k in row.config})
     differing = [k for k in keys if len({json.dumps(row.config.get(k)) for row in rows}) > 1]
-    sweep = results.read_json(directory / "sweep.json")
+    sweep = results.read_object(directory / "sweep.json")
     vary = [k for k in (sweep.get("vary", {}) if isinstance(sweep, dict) else {}) if k in differing]
     if vary and len({tuple(json.dumps(row.config.get(k)) for k in vary) for row in rows}) == len(rows):
         return vary

@@ -30,14 +30,6 @@ RUN_FILES = (CONFIG, METRICS, SUMMARY)  # any of them means a run lives in the f
 LISTING = " ".join((CONFIG, PARTITION, METRICS, SUMMARY, MODEL, CURVES))  # what a finished run holds
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file's content, or ``None`` when it is missing or unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 class RunFileError(ValueError):
     """A run file that is there but cannot be used; the message names the file and says why."""
 
@@ -63,16 +55,23 @@ def load_object(path: Path) -> dict[str, Any] | None:
     return value
 
 
+def read_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or ``None`` when it is missing or broken alike (``load_object``
+    tells the two apart, for callers that must)."""
+    try:
+        return load_object(path)
+    except RunFileError:
+        return None
+
+
 def read_config(out: Path) -> dict[str, Any] | None:
     """The run's saved settings (dashed keys), or ``None`` when the folder holds no readable one."""
-    config = read_json(out / CONFIG)
-    return config if isinstance(config, dict) else None
+    return read_object(out / CONFIG)
 
 
 def read_summary(out: Path) -> dict[str, Any] | None:
     """The summary of a finished run, or ``None`` while it is unfinished."""
-    summary = read_json(out / SUMMARY)
-    return summary if isinstance(summary, dict) else None
+    return read_object(out / SUMMARY)
 
 
 def is_finished(out: Path) -> bool:
