@@ -3,7 +3,8 @@ in a simulation, on a cohort of partitions per message (``fedsam.wire``).
 
 A train message carries the global arrays and a config (optimizer spec and options, lr, local
 epochs, batch size, weight decay, momentum, gradient clipping, seed, and the data and split to
-use); MoFedSAM adds a ``"momentum"`` ArrayRecord. The node's partition id comes from
+use); the drift-correcting strategies add the vectors ``fedsam.wire`` lists (momentum,
+correction, FedSMOO's duals). The node's partition id comes from
 ``context.node_config["partition-id"]`` (``--node-config`` on a SuperNode, set by the
 Simulation Engine otherwise); ``data-dir`` in the node config overrides the message's, for
 nodes that keep the data elsewhere.
@@ -28,7 +29,7 @@ from fedsam import wire
 from fedsam.cohort import train_cohort, use_batched
 from fedsam.data import DeviceBatches, PartitionSpec, load, make_partition
 from fedsam.models import build_model
-from fedsam.optim import BUILTIN, build, restart
+from fedsam.optim import BUILTIN, DualSAM, build, restart
 from fedsam.runtime import autocast_dtype, memory_format, resolve_device, round_seed, use_cuda_graphs
 from fedsam.train import LocalResult, train_locally
 
@@ -139,8 +140,28 @@ def metric_record(result: LocalResult) -> MetricRecord:
     })
 
 
+def on_device(record: ArrayRecord | None, device: torch.device) -> dict[str, torch.Tensor] | None:
+    return None if record is None else {k: t.to(device) for k, t in record.to_torch_state_dict().items()}
+
+
+def round_correction(content: RecordDict, pid: int, start: dict[str, torch.Tensor],
+                     names: list[str], device: torch.device) -> dict[str, torch.Tensor] | None:
+    """This client's constant direction term ``b = correction − a·w_{i,0}`` (``a``: ``anchor-pull``,
+    FedProx's μ or FedDyn's λ), made once per round, or ``None`` when there is none."""
+    correction = on_device(wire.client_record(content, wire.CORRECTION, pid), device)
+    pull = float(content["config"].get("anchor-pull", 0.0))
+    if correction is None and pull == 0:
+        return None
+    out = {}
+    for name in names:
+        anchor = start[name].to(device)
+        term = correction[name] if correction is not None else torch.zeros_like(anchor)
+        out[name] = term - pull * anchor if pull != 0 else term
+    return out
+
+
 def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: str,
-                     isolate: bool) -> dict[int, tuple[ArrayRecord, MetricRecord] | str]:
+                     isolate: bool) -> dict[int, dict[str, ArrayRecord | MetricRecord] | str]:
     """Train each listed partition from the message's global arrays: batched when ``fedsam.cohort``
     can and the run's ``vectorize`` setting allows, else one after another. With ``isolate`` an
     error in one client's training is that client's failure (its reason), not the whole call's: a
@@ -153,14 +174,16 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
     model = cached_model(str(config["model"]), data.num_classes, str(config.get("norm", "group")), str(device))
     start = content["arrays"].to_torch_state_dict()
     spec, epochs = str(config["optimizer"]), int(config["local-epochs"])
-    momentum = None
-    if "momentum" in content:
-        momentum = {k: t.to(device) for k, t in content["momentum"].to_torch_state_dict().items()}
+    momentum = on_device(content.get(wire.MOMENTUM), device)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    corrections = {pid: round_correction(content, pid, start, names, device) for pid in partition_ids}
+    shift = on_device(content.get(wire.GLOBAL_PERTURBATION), device)
     seeds = {pid: round_seed(int(config["seed"]), int(config["server-round"]), pid) for pid in partition_ids}
     graph_setting = str(config.get("cuda-graphs", "auto"))  # a plug-in's Python state would freeze in a graph
     graphs = use_cuda_graphs(graph_setting, device) and (spec in BUILTIN or graph_setting == "on")
     knobs = dict(grad_clip=float(config.get("grad-clip", 0.0)), global_momentum=momentum,
                  momentum_alpha=float(config.get("momentum-alpha", 1.0)), cuda_graph=graphs,
+                 direction_decay=float(config.get("direction-decay", 0.0)),
                  autocast_dtype=autocast_dtype(str(config.get("precision", "auto")), device))
 
     def batches(pid: int) -> DeviceBatches:
@@ -178,8 +201,9 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
         try:
             model.load_state_dict(start)
             trained = train_cohort(model, spec, wire.optimizer_options(config, partition_ids[0]),
-                                   [batches(pid) for pid in partition_ids], epochs, **knobs)
-            return {pid: (ArrayRecord(state), metric_record(result))
+                                   [batches(pid) for pid in partition_ids], epochs,
+                                   corrections=[corrections[pid] for pid in partition_ids], **knobs)
+            return {pid: {"arrays": ArrayRecord(state), "metrics": metric_record(result)}
                     for pid, (state, result) in zip(partition_ids, trained)}
         except Exception:  # noqa: BLE001 - retried client by client below, which says whose failure it is
             if not isolate:
@@ -187,14 +211,25 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    out: dict[int, tuple[ArrayRecord, MetricRecord] | str] = {}
+    out: dict[int, dict[str, ArrayRecord | MetricRecord] | str] = {}
     for pid in partition_ids:
         try:
             torch.manual_seed(seeds[pid])
             model.load_state_dict(start)
             optimizer = local_optimizer(model, spec, wire.optimizer_options(config, pid))
-            result = train_locally(model, optimizer, batches(pid), epochs, num_examples=len(parts[pid]), **knobs)
-            out[pid] = (ArrayRecord(model.state_dict()), metric_record(result))
+            dual = wire.client_record(content, wire.DUAL, pid)
+            if isinstance(optimizer, DualSAM):  # FedSMOO: this client's u_i and the server's s, every round
+                u = on_device(dual, device)
+                optimizer.load_duals(None if u is None else [u[n] for n in names],
+                                     None if shift is None else [shift[n] for n in names])
+            elif dual is not None or shift is not None:
+                raise ValueError(f"the message carries FedSMOO's duals but optimizer {spec!r} has none (use dual-sam)")
+            result = train_locally(model, optimizer, batches(pid), epochs, num_examples=len(parts[pid]),
+                                   correction=corrections[pid], **knobs)
+            out[pid] = {"arrays": ArrayRecord(model.state_dict()), "metrics": metric_record(result)}
+            if isinstance(optimizer, DualSAM):
+                out[pid][wire.DUAL] = ArrayRecord({n: u.detach().cpu().clone()
+                                                   for n, u in zip(names, optimizer.duals())})
         except Exception as exc:  # noqa: BLE001 - one client's failure, reported for that client
             if not isolate:
                 raise
@@ -210,5 +245,4 @@ def train(msg: Message, context: Context) -> Message:
     if wire.PARTITION_IDS in config:  # a simulation's worker, training a cohort of clients
         cohort = [int(p) for p in config[wire.PARTITION_IDS]]
         return Message(wire.pack(train_partitions(msg.content, cohort, data_dir, isolate=True)), reply_to=msg)
-    arrays, metrics = train_partitions(msg.content, [pid], data_dir, isolate=False)[pid]
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict(train_partitions(msg.content, [pid], data_dir, isolate=False)[pid]), reply_to=msg)

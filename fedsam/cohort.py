@@ -14,9 +14,12 @@ leading client dimension and every step runs once for all of them (``torch.func`
 A short batch is padded with zero-weight samples; the loss is the mean over real samples, so the
 padding changes nothing (no BatchNorm here: per-sample normalisation only, see ``batchable``).
 
-Only the built-in rules batch (SGD, SAM, ASAM, FGSM SAM over SGD, with MoFedSAM's mix and
-clipping): a plug-in optimizer is an object with its own ``step``, which cannot be vectorised from
-outside, so it trains one client at a time (``fedsam.train.train_locally``).
+Only the built-in stateless rules batch (SGD, SAM, ASAM, FGSM SAM over SGD), with the whole descent
+direction of ``train_locally``: MoFedSAM's and FedCM's momentum mix, each client's round correction
+``b`` (SCAFFOLD, FedDyn, FedProx), the direction decay ``κ·w`` and clipping. FedSMOO's ``dual-sam``
+keeps a per-client dual that has no batched rule, and a plug-in optimizer is an object with its
+own ``step``, which cannot be vectorised from outside: both train one client at a time
+(``fedsam.train.train_locally``).
 """
 
 from __future__ import annotations
@@ -41,8 +44,11 @@ from fedsam.train import LocalResult
 
 Tensors = dict[str, torch.Tensor]
 
-#: The client rule each built-in optimizer name stands for.
+#: The client rule each batchable built-in optimizer name stands for.
 PERTURBATION = {"sgd": "none", "sam": "sam", "asam": "asam", "fgsm-sam": "fgsm"}
+
+#: Why a built-in optimizer without a batched rule trains one client at a time.
+UNBATCHED = {"dual-sam": "FedSMOO's dual-sam keeps a per-client dual that has no batched rule"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,8 @@ class ClientRule:
     @classmethod
     def of(cls, spec: str, options: dict) -> ClientRule:
         """The rule of a built-in spec with these options; the factory's own defaults fill the gaps."""
+        if spec not in PERTURBATION:
+            raise ValueError(f"optimizer {spec!r} has no batched rule")
         factory = BUILTIN[spec]
         accepted = inspect.signature(factory).parameters
         values = {name: p.default for name, p in accepted.items() if p.default is not inspect.Parameter.empty}
@@ -79,6 +87,8 @@ def batchable(spec: str, model: nn.Module) -> str | None:
     """Why this client rule cannot run batched, or ``None`` when it can."""
     if spec not in BUILTIN:
         return f"optimizer {spec!r} is a plug-in with its own step"
+    if spec not in PERTURBATION:
+        return UNBATCHED.get(spec, f"built-in optimizer {spec!r} has no batched rule")
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return "BatchNorm's batch statistics would mix padded samples into real ones"
     return None
@@ -200,6 +210,8 @@ def train_cohort(
     grad_clip: float = 0.0,
     global_momentum: Tensors | None = None,
     momentum_alpha: float = 1.0,
+    corrections: list[Tensors | None] | None = None,
+    direction_decay: float = 0.0,
     autocast_dtype: torch.dtype | None = None,
     cuda_graph: bool = False,
 ) -> list[tuple[Tensors, LocalResult]]:
@@ -208,6 +220,9 @@ def train_cohort(
     Returns, per client, its trained ``state_dict`` (parameters and buffers) and its
     ``LocalResult``; ``seconds`` is the whole cohort's time (the clients trained together).
     ``model`` itself is not changed.
+    ``corrections`` holds each client's round constant ``b`` (in client order; ``None`` for a
+    client without one) and ``direction_decay`` is ``κ``, as ``train_locally``'s ``correction``
+    and ``direction_decay``: the direction is ``clip(α·g + (1 − α)·m + b + κ·w)``.
     Every step has the same shapes (short batches are padded), so with ``cuda_graph`` on a GPU
     the whole cohort step is captured once and replayed (``fedsam.graphs``).
     """
@@ -232,6 +247,7 @@ def train_cohort(
     mix = None
     if global_momentum is not None:
         mix = {n: global_momentum[n].to(device) for n in names}
+    bias = _stacked_corrections(corrections, params, num)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=not cuda_graph)
                 if autocast_dtype is not None else contextlib.nullcontext())
 
@@ -260,6 +276,10 @@ def train_cohort(
         g = _descent_gradient(rule, rho, gradient, params, g, x, y, w, weights_nd)
         if mix is not None:
             g = {n: momentum_alpha * g[n] + (1.0 - momentum_alpha) * mix[n] for n in names}
+        if bias is not None:
+            g = {n: g[n] + bias[n] for n in names}
+        if direction_decay != 0:
+            g = {n: g[n].add(params[n], alpha=direction_decay) for n in names}
         if grad_clip > 0:
             norm = torch.stack([v.flatten(1).norm(dim=1) for v in g.values()]).norm(dim=0)
             g = _scaled(g, (grad_clip / (norm + 1e-6)).clamp(max=1.0))
@@ -287,6 +307,19 @@ def train_cohort(
         state = {n: params[n][c] if n in params else t.detach() for n, t in model.state_dict().items()}
         results.append((state, LocalResult(len(client.images), steps[c], loss_mean[c], accuracy[c], seconds)))
     return results
+
+
+def _stacked_corrections(corrections: list[Tensors | None] | None, params: Tensors, num: int) -> Tensors | None:
+    """Each client's ``b`` stacked along the client dimension (zeros for a client without one), or
+    ``None`` when no client has one."""
+    if corrections is None:
+        return None
+    if len(corrections) != num:
+        raise ValueError(f"corrections must have one entry per client ({num}), got {len(corrections)}")
+    if all(c is None for c in corrections):
+        return None
+    return {n: torch.stack([c[n].to(device=p.device, dtype=p.dtype) if c is not None else torch.zeros_like(p[0])
+                            for c in corrections]) for n, p in params.items()}
 
 
 def _descent_gradient(rule: ClientRule, rho: float | None, gradient, params: Tensors, g: Tensors,

@@ -1,7 +1,20 @@
-"""The train message's contract: the config keys it may carry, and cohort messages.
+"""The train message's contract: the config keys it may carry, the records beside the model, and
+cohort messages.
 
 A key the ClientApp does not know is refused by name (``check_train_config``), never read as a
 silent default.
+
+Besides ``arrays`` (the global model ``w_t``) and ``config``, a train message may carry vectors
+that shape the client's descent direction (``fedsam.train``), each an ArrayRecord keyed like the
+model's parameters:
+
+- ``momentum``: FedCM's and MoFedSAM's ``m_t``, the same for every client;
+- ``correction``: the round's constant term ``b`` (SCAFFOLD's ``c − c_i``, FedDyn's ``λ·h_i``);
+- ``global-perturbation``: FedSMOO's ``s``;
+- ``dual``: FedSMOO's client dual ``u_i``, sent down and returned up.
+
+A record that differs per client is named ``NAME.PID`` (``correction.7``); one without the suffix
+is shared by every client of the message (``client_record`` looks for both).
 
 Several clients in one train message make fewer, fatter workers in a simulation.
 
@@ -14,9 +27,9 @@ The wire, both ways:
 
 - the train message's config lists the cohort's partitions under ``PARTITION_IDS``; a message
   without it trains the receiving node's own partition, as on the Deployment Engine;
-- the reply holds, per partition ``p``, an ArrayRecord ``arrays.p`` and a MetricRecord
-  ``metrics.p``, or a ConfigRecord ``failed.p`` with the reason that client failed; a
-  ConfigRecord ``cohort`` lists the partitions.
+- the reply holds, per partition ``p``, its records named ``NAME.p`` (``arrays.p``,
+  ``metrics.p``, ``dual.p``), or a ConfigRecord ``failed.p`` with the reason that client failed;
+  a ConfigRecord ``cohort`` lists the partitions.
 
 The server unpacks a cohort reply into one ordinary reply per client (``unpack``), so every
 strategy aggregates, checks for non-finite arrays and records failures client by client.
@@ -26,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 
 #: Every key a train message's config may carry: the run's settings the ClientApp reads, what the
 #: strategy adds each round, and the cohort's partitions. Anything else is a misspelling.
@@ -34,8 +47,16 @@ TRAIN_CONFIG_KEYS = frozenset({
     "dataset", "data-dir", "partition", "num-clients", "dirichlet-alpha", "classes-per-client", "seed",
     "model", "norm", "optimizer", "rho", "eta", "fgsm-steps", "ascent-momentum", "local-epochs",
     "batch-size", "lr", "weight-decay", "momentum", "grad-clip", "device", "precision", "vectorize",
-    "cuda-graphs", "server-round", "momentum-alpha", "partition-ids",
+    "cuda-graphs", "server-round", "momentum-alpha", "partition-ids", "extra-weight-decay", "anchor-pull",
+    "direction-decay",
 })
+
+# The records a train message may carry beside "arrays" and "config", and a reply beside "arrays"
+# and "metrics" (see the module docstring).
+MOMENTUM = "momentum"
+CORRECTION = "correction"
+GLOBAL_PERTURBATION = "global-perturbation"
+DUAL = "dual"
 
 PARTITION_IDS = "partition-ids"
 COHORT = "cohort"
@@ -58,7 +79,7 @@ def optimizer_options(config: ConfigRecord, partition_id: int) -> dict:
         "server_round": int(config["server-round"]),
         "lr": float(config["lr"]),
         "momentum": float(config.get("momentum", 0.0)),
-        "weight_decay": float(config.get("weight-decay", 0.0)),
+        "weight_decay": float(config.get("weight-decay", 0.0)) + float(config.get("extra-weight-decay", 0.0)),
         "rho": config.get("rho"),
         "eta": config.get("eta"),
         "steps": config.get("fgsm-steps"),
@@ -72,14 +93,31 @@ def split(partition_ids: list[int], workers: int) -> list[list[int]]:
     return [ordered[i::workers] for i in range(min(workers, len(ordered)))]
 
 
-def pack(results: dict[int, tuple[ArrayRecord, MetricRecord] | str]) -> RecordDict:
-    """A worker's reply: each client's arrays and metrics, or the reason it failed."""
+def client_record(content: RecordDict, name: str, partition_id: int) -> ArrayRecord | None:
+    """The record ``name`` for this client: its own (``NAME.PID``), else the shared one, else ``None``."""
+    own = content.get(f"{name}.{partition_id}")
+    return own if own is not None else content.get(name)
+
+
+def for_clients(content: RecordDict, partition_ids: Iterable[int]) -> RecordDict:
+    """The content with only these clients' own records (a cohort message carries no one else's)."""
+    wanted = {str(pid) for pid in partition_ids}
+    return RecordDict({key: record for key, record in content.items()
+                       if "." not in key or key.rpartition(".")[2] in wanted})
+
+
+Result = dict[str, ArrayRecord | RecordDict]
+
+
+def pack(results: dict[int, dict | str]) -> RecordDict:
+    """A worker's reply: each client's records (``arrays``, ``metrics``, ...), or the reason it failed."""
     content = RecordDict({COHORT: ConfigRecord({PARTITION_IDS: sorted(results)})})
     for pid, result in results.items():
         if isinstance(result, str):
             content[f"failed.{pid}"] = ConfigRecord({"reason": result})
         else:
-            content[f"arrays.{pid}"], content[f"metrics.{pid}"] = result
+            for name, record in result.items():
+                content[f"{name}.{pid}"] = record
     return content
 
 
@@ -94,16 +132,19 @@ def failure(reply: Message, reason: str) -> Message:
 
 def unpack(reply: Message) -> dict[int, Message]:
     """One reply per client of a cohort reply, each shaped like a single client's reply."""
+    records: dict[int, dict] = {}
+    for key, record in reply.content.items():
+        name, _, pid = key.rpartition(".")
+        if name and pid.isdigit():
+            records.setdefault(int(pid), {})[name] = record
     out = {}
     for pid in reply.content[COHORT][PARTITION_IDS]:
         pid = int(pid)
-        failed = reply.content.get(f"failed.{pid}")
-        if failed is not None:
-            out[pid] = failure(reply, str(failed["reason"]))
-        elif f"arrays.{pid}" not in reply.content or f"metrics.{pid}" not in reply.content:
+        own = records.get(pid, {})
+        if "failed" in own:
+            out[pid] = failure(reply, str(own["failed"]["reason"]))
+        elif "arrays" not in own or "metrics" not in own:
             out[pid] = failure(reply, f"the cohort reply lacks client {pid}'s arrays or metrics")
         else:
-            content = RecordDict({"arrays": reply.content[f"arrays.{pid}"],
-                                  "metrics": reply.content[f"metrics.{pid}"]})
-            out[pid] = Message(content, metadata=reply.metadata)
+            out[pid] = Message(RecordDict(own), metadata=reply.metadata)
     return out

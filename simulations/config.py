@@ -21,14 +21,37 @@ from fedsam.data import DATASETS, SCHEMES, PartitionSpec
 from fedsam.models import MODELS
 from fedsam.optim import FEDERATED_RHO
 from simulations.presets import PRESETS
+from strategies.fedadam import FEDADAM_SERVER_LR
+from strategies.feddyn import DYN_LAMBDA
+from strategies.fedprox import PROX_MU
+from strategies.scaffold import FEDGAMMA_RHO
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-STRATEGIES = ("fedavg", "fedsam", "mofedsam", "fedavgm")
-DEFAULT_OPTIMIZER = {"fedavg": "sgd", "fedavgm": "sgd", "fedsam": "sam", "mofedsam": "sam"}
+#: The strategies, and the client optimizer each sends unless told otherwise.
+DEFAULT_OPTIMIZER = {
+    "fedavg": "sgd", "fedsam": "sam", "fedavgm": "sgd", "fedprox": "sgd", "fedadam": "sgd",
+    "fedcm": "sgd", "mofedsam": "sam", "scaffold": "sgd", "fedgamma": "sam",
+    "feddyn": "sgd", "fedspeed": "sam", "fedsmoo": "dual-sam",
+}
+STRATEGIES = tuple(DEFAULT_OPTIMIZER)
+
+#: ρ under each SAM strategy when its SAM client is not given one (sam's own default is Foret et al.'s 0.05).
+METHOD_RHO = {"fedsam": FEDERATED_RHO, "mofedsam": FEDERATED_RHO, "fedgamma": FEDGAMMA_RHO,
+              "fedspeed": FEDERATED_RHO, "fedsmoo": FEDERATED_RHO}
+
+#: Defaults that differ by method, used when no layer (preset, file, flag) sets the setting.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"fedadam": {"server_lr": FEDADAM_SERVER_LR}}
+
+#: A method whose client is the plain one, and its SAM variant: the pairs are named methods, so a
+#: SAM optimizer under the plain name (or SGD under the SAM name) is refused rather than guessed.
+SAM_VARIANT = {"fedcm": "mofedsam", "scaffold": "fedgamma", "feddyn": "fedspeed"}
+SAM_FAMILY = ("sam", "asam", "fgsm-sam", "dual-sam")
+
+FEDDYN_FAMILY = ("feddyn", "fedspeed", "fedsmoo")
 
 
 #: Seeds go on the wire as Flower's signed 64-bit integers and into torch.manual_seed (and seed + 1).
@@ -39,8 +62,11 @@ class ConfigError(ValueError):
     """A config that cannot run: one line saying which setting and why."""
 
 
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, group: str = "run") -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, group: str = "run",
+       methods: tuple[str, ...] | None = None) -> Any:
+    """A setting: its default, help, allowed values, flag group, and the strategies that take it
+    (``None``: all); giving it to another strategy is refused (``check_methods``)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group, "methods": methods})
 
 
 @dataclass
@@ -63,12 +89,32 @@ class ExperimentConfig:
     clients_per_round: int = _f(5, "clients sampled each round (the expected number with bernoulli)")
     client_sampling: str = _f("uniform", "uniform: exactly clients-per-round; bernoulli: each client with "
                               "p = clients-per-round / num-clients (FL-Simulator)", ("uniform", "bernoulli"))
-    server_lr: float = _f(1.0, "server learning rate η_g (1 = plain averaging)")
-    server_momentum: float = _f(0.9, "FedAvgM's server momentum β")
-    momentum_alpha: float = _f(0.1, "MoFedSAM's α: weight of the local SAM gradient against the global momentum")
+    server_lr: float = _f(1.0, "server learning rate η_g (1 = plain averaging; fedadam: 0.1)",
+                          methods=tuple(m for m in DEFAULT_OPTIMIZER if m not in FEDDYN_FAMILY))
+    server_momentum: float = _f(0.9, "FedAvgM's server momentum β", methods=("fedavgm",))
+    momentum_alpha: float = _f(0.1, "FedCM's and MoFedSAM's α: weight of the local gradient against the global "
+                               "momentum", methods=("fedcm", "mofedsam"))
+    first_round_alpha: str = _f("one", "FedCM's and MoFedSAM's round 1, before any momentum: a plain step (one) or "
+                                "α·g against m = 0 as FL-Simulator (alpha)", ("one", "alpha"),
+                                methods=("fedcm", "mofedsam"))
+    step_normaliser: str = _f("steps", "K in SCAFFOLD's c_i and FedCM's m: each client's own steps (steps) or "
+                              "FL-Simulator's E·n_0/b for all (fl-simulator)", ("steps", "fl-simulator"),
+                              methods=("fedcm", "mofedsam", "scaffold", "fedgamma"))
+    prox_mu: float = _f(PROX_MU, "FedProx's proximal weight μ", methods=("fedprox",))
+    prox_clip: str = _f("reference", "where FedProx's pull is clipped: FL-Simulator's -μ·w_0 in the clipped "
+                        "direction and +μ·w as weight decay (reference), or μ(w - w_0) clipped whole (paper)",
+                        ("reference", "paper"), methods=("fedprox",))
+    dyn_lambda: float = _f(DYN_LAMBDA, "FedDyn's, FedSpeed's and FedSMOO's regulariser weight λ",
+                           methods=FEDDYN_FAMILY)
+    adam_beta1: float = _f(0.9, "FedAdam's first-moment decay β1", methods=("fedadam",))
+    adam_beta2: float = _f(0.99, "FedAdam's second-moment decay β2", methods=("fedadam",))
+    adam_tau: float = _f(0.01, "FedAdam's adaptivity τ", methods=("fedadam",))
+    adam_v0: str = _f("zero", "FedAdam's initial v: 0 as FL-Simulator (zero) or τ² as the paper (tau2)",
+                      ("zero", "tau2"), methods=("fedadam",))
     # client
-    optimizer: str | None = _f(None, "client optimizer: sgd, sam, asam, fgsm-sam or package.module:factory "
-                               "(default: sam for fedsam/mofedsam, sgd otherwise)")
+    optimizer: str | None = _f(None, "client optimizer: sgd, sam, asam, fgsm-sam, dual-sam or "
+                               "package.module:factory (default: the strategy's: sam for the SAM methods, "
+                               "dual-sam for fedsmoo, sgd otherwise)")
     rho: float | None = _f(None, "perturbation radius (default: the optimizer's own)")
     eta: float | None = _f(None, "ASAM's η (default: the optimizer's own)")
     fgsm_steps: int = _f(1, "ascent steps k of fgsm-sam")
@@ -113,13 +159,12 @@ class ExperimentConfig:
 
     def resolved(self) -> "ExperimentConfig":
         """The same config with the strategy-dependent defaults written out: the client optimizer
-        (SAM for fedsam and mofedsam, SGD otherwise) and, for SAM under a SAM strategy, the
-        federated papers' ρ = 0.1. The data-dir becomes absolute, so the config.json it is saved as
+        (``DEFAULT_OPTIMIZER``) and, for SAM under a SAM strategy, its ρ (``METHOD_RHO``). The data-dir becomes absolute, so the config.json it is saved as
         works from any folder (``--resume``, ``fedsam sharpness``) and a sweep finds its runs again."""
         optimizer = self.optimizer or DEFAULT_OPTIMIZER.get(self.strategy, "sgd")  # validate() names a bad strategy
         rho = self.rho
-        if rho is None and optimizer == "sam" and self.strategy in ("fedsam", "mofedsam"):
-            rho = FEDERATED_RHO
+        if rho is None and optimizer in ("sam", "dual-sam") and self.strategy in METHOD_RHO:
+            rho = METHOD_RHO[self.strategy]
         data_dir = str(Path(self.data_dir).expanduser().resolve()) if self.data_dir else self.data_dir
         return dataclasses.replace(self, optimizer=optimizer, rho=rho, data_dir=data_dir)
 
@@ -193,17 +238,57 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 def resolve(flags: dict[str, Any] | None = None, preset: str | None = None,
             config_file: str | None = None) -> ExperimentConfig:
-    """defaults < preset < config file < flags (a ``preset`` key in the file counts as a preset)."""
+    """defaults < the method's defaults < preset < config file < flags (a ``preset`` key in the
+    file counts as a preset). A preset's settings for the run's strategy (``PRESETS[name]
+    ["methods"]``) come with it; a flag or file setting the strategy does not take is refused."""
     file_values = read_toml(config_file) if config_file else {}
     preset = preset or file_values.pop("preset", None)
     file_values.pop("preset", None)
-    cfg = ExperimentConfig()
+    flags = flags or {}
+    preset_values: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-        cfg = apply(cfg, PRESETS[preset], f"preset {preset}")
+        preset_values = {k: v for k, v in PRESETS[preset].items() if k != "methods"}
+    layered = apply(apply(apply(ExperimentConfig(), preset_values, "preset"), file_values, "file"), flags, "flags")
+    strategy = layered.strategy
+    if preset is not None:
+        preset_values.update(PRESETS[preset].get("methods", {}).get(strategy, {}))
+    check_methods(strategy, file_values, f"config file {config_file}")
+    check_methods(strategy, flags, "command line")
+    given = {str(k).replace("-", "_") for k in (*preset_values, *file_values, *flags)}
+    method = {k: v for k, v in METHOD_DEFAULTS.get(strategy, {}).items() if k not in given}
+    cfg = apply(ExperimentConfig(), method, f"{strategy}'s defaults")
+    cfg = apply(cfg, preset_values, f"preset {preset}")
     cfg = apply(cfg, file_values, f"config file {config_file}")
-    return apply(cfg, flags or {}, "command line")
+    return apply(cfg, flags, "command line")
+
+
+def check_methods(strategy: str, values: dict[str, Any], source: str) -> None:
+    """Refuse a method's setting given to a strategy that does not take it (``--strategy scaffold
+    --momentum-alpha 0.5`` is almost surely not what was meant), and a client optimizer that makes
+    a method another named one (SCAFFOLD with SAM is FedGAMMA)."""
+    fields = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+    for raw_key in values:
+        f = fields.get(str(raw_key).replace("-", "_"))
+        takers = f.metadata.get("methods") if f is not None else None
+        if takers is not None and strategy in DEFAULT_OPTIMIZER and strategy not in takers:
+            raise ConfigError(f"{source}: --strategy {strategy} does not take {key(f.name)} "
+                              f"(it is {', '.join(takers)}'s)")
+    optimizer = values.get("optimizer")
+    if optimizer is None:
+        return
+    sam = optimizer in SAM_FAMILY
+    plain_of = {v: k for k, v in SAM_VARIANT.items()}
+    if sam and strategy in SAM_VARIANT:
+        raise ConfigError(f"{source}: {strategy} with a SAM client ({optimizer}) is "
+                          f"{SAM_VARIANT[strategy]}: use --strategy {SAM_VARIANT[strategy]}")
+    if optimizer == "sgd" and strategy in plain_of:
+        raise ConfigError(f"{source}: {strategy} with an SGD client is {plain_of[strategy]}: "
+                          f"use --strategy {plain_of[strategy]}")
+    if (optimizer == "dual-sam") != (strategy == "fedsmoo"):
+        raise ConfigError(f"{source}: dual-sam is FedSMOO's client optimizer, and FedSMOO's clients use only it "
+                          f"(got --strategy {strategy} with --optimizer {optimizer})")
 
 
 def validate(cfg: ExperimentConfig) -> None:
@@ -238,9 +323,16 @@ def validate(cfg: ExperimentConfig) -> None:
     need(0 <= finite("momentum") < 1, f"momentum must be in [0, 1), got {cfg.momentum}")
     need(0 <= finite("server_momentum") < 1, f"server-momentum must be in [0, 1), got {cfg.server_momentum}")
     need(0 < finite("momentum_alpha") <= 1, f"momentum-alpha must be in (0, 1], got {cfg.momentum_alpha}")
+    need(finite("prox_mu") >= 0, f"prox-mu must be >= 0, got {cfg.prox_mu}")
+    need(finite("dyn_lambda") >= 0, f"dyn-lambda must be >= 0, got {cfg.dyn_lambda}")
+    for name in ("adam_beta1", "adam_beta2"):
+        need(0 <= finite(name) < 1, f"{key(name)} must be in [0, 1), got {getattr(cfg, name)}")
+    need(finite("adam_tau") > 0, f"adam-tau must be > 0, got {cfg.adam_tau}")
     need(finite("grad_clip") >= 0, f"grad-clip must be >= 0 (0 = off), got {cfg.grad_clip}")
     need(finite("ascent_momentum") >= 0, f"ascent-momentum must be >= 0, got {cfg.ascent_momentum}")
     need(cfg.rho is None or finite("rho") > 0, f"rho must be > 0, got {cfg.rho}")
+    if cfg.optimizer is not None:
+        check_methods(cfg.strategy, {"optimizer": cfg.optimizer}, "optimizer")
     need(cfg.eta is None or finite("eta") >= 0, f"eta must be >= 0, got {cfg.eta}")
     need(finite("num_gpus_per_client") == -1 or cfg.num_gpus_per_client >= 0,
          f"num-gpus-per-client must be >= 0 (or -1 for auto), got {cfg.num_gpus_per_client}")

@@ -24,13 +24,14 @@ from fedsam.cohort import batchable
 from fedsam.models import build_model
 from fedsam.optim import OptimizerSpecError, build, portable_spec
 from fedsam.sharpness import evaluation_subset, model_sharpness
-from fedsam.train import evaluate
+from fedsam.train import Evaluation, evaluate
 from simulations import checkpoint
 from simulations import config as configuration
 from simulations.config import ConfigError, ExperimentConfig
 from simulations import results
 from simulations.results import RunRecorder, holds_a_run
-from strategies import FedAvg, FedAvgM, FedSAM, MoFedSAM, NodeSetupError
+from strategies import (FedAdam, FedAvg, FedAvgM, FedCM, FedDyn, FedGAMMA, FedProx, FedSAM, FedSMOO, FedSpeed,
+                        MoFedSAM, NodeSetupError, Scaffold)
 
 EVAL_BATCH = 1000
 
@@ -79,6 +80,10 @@ def check(cfg: ExperimentConfig, out: Path | None = None, data: ImageDataset | N
         build(cfg.optimizer, probe.parameters(), **optimizer_options(message_config, 0))
     except OptimizerSpecError as exc:
         raise ConfigError(str(exc)) from None
+    try:
+        build_strategy(cfg, [name for name, _ in probe.named_parameters()], None, partition)
+    except ValueError as exc:  # the strategy's own checks, for a config from anywhere (flwr run, a sweep)
+        raise ConfigError(f"--strategy {cfg.strategy}: {exc}") from None
     return Checked(cfg, data, partition)
 
 
@@ -118,17 +123,43 @@ def cohort_workers(cfg: ExperimentConfig, available: int | None) -> int | None:
     return max(1, available) if trains_batched(cfg) else None
 
 
-def build_strategy(cfg: ExperimentConfig, parameter_keys: list[str], workers: int | None = None):
-    common = dict(seed=cfg.seed, sampling=cfg.client_sampling, lr_decay=cfg.lr_decay, server_lr=cfg.server_lr,
-                  workers=workers)
+def fl_simulator_steps(cfg: ExperimentConfig, partition: Partition) -> float:
+    """FL-Simulator's one normaliser for every client, ``K̂ = E·n_0/b`` (client 0's size, no ceiling)."""
+    return cfg.local_epochs * len(partition.clients[0]) / cfg.batch_size
+
+
+def build_strategy(cfg: ExperimentConfig, parameter_keys: list[str], workers: int | None = None,
+                   partition: Partition | None = None):
+    """The strategy ``cfg.strategy`` names, with the settings it takes (``config``'s ``methods``)."""
+    common = dict(seed=cfg.seed, sampling=cfg.client_sampling, lr_decay=cfg.lr_decay, workers=workers)
     clients = (cfg.num_clients, cfg.clients_per_round)
-    if cfg.strategy == "fedavg":
-        return FedAvg(*clients, **common)
-    if cfg.strategy == "fedsam":
-        return FedSAM(*clients, **common)
-    if cfg.strategy == "mofedsam":
-        return MoFedSAM(*clients, alpha=cfg.momentum_alpha, parameter_keys=parameter_keys, **common)
-    return FedAvgM(*clients, server_momentum=cfg.server_momentum, **common)
+    fixed_steps = None
+    if cfg.step_normaliser == "fl-simulator":
+        if partition is None:
+            raise ValueError("the fl-simulator step normaliser needs the partition (client 0's size)")
+        fixed_steps = fl_simulator_steps(cfg, partition)
+    name = cfg.strategy
+    if name in configuration.FEDDYN_FAMILY:
+        dyn = dict(lam=cfg.dyn_lambda, parameter_keys=parameter_keys, **common)
+        return {"feddyn": FedDyn, "fedspeed": FedSpeed, "fedsmoo": FedSMOO}[name](*clients, **dyn)
+    common["server_lr"] = cfg.server_lr
+    if name in ("fedavg", "fedsam"):
+        return (FedAvg if name == "fedavg" else FedSAM)(*clients, **common)
+    if name == "fedavgm":
+        return FedAvgM(*clients, server_momentum=cfg.server_momentum, **common)
+    if name == "fedprox":
+        return FedProx(*clients, mu=cfg.prox_mu, prox_clip=cfg.prox_clip, **common)
+    if name == "fedadam":
+        return FedAdam(*clients, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, tau=cfg.adam_tau, v0=cfg.adam_v0,
+                       **common)
+    if name in ("fedcm", "mofedsam"):
+        return (FedCM if name == "fedcm" else MoFedSAM)(
+            *clients, alpha=cfg.momentum_alpha, parameter_keys=parameter_keys,
+            first_round_alpha=cfg.first_round_alpha, fixed_steps=fixed_steps, **common)
+    if name in ("scaffold", "fedgamma"):
+        return (Scaffold if name == "scaffold" else FedGAMMA)(*clients, parameter_keys=parameter_keys,
+                                                              fixed_steps=fixed_steps, **common)
+    raise ValueError(f"unknown strategy {name!r}")
 
 
 class CentralEvaluator:
@@ -140,7 +171,7 @@ class CentralEvaluator:
         self.batches = DeviceBatches(data.test_images.to(device), data.test_labels.to(device), EVAL_BATCH,
                                      mean=data.mean, std=data.std)
 
-    def __call__(self, arrays: ArrayRecord) -> tuple[float, float]:
+    def __call__(self, arrays: ArrayRecord) -> Evaluation:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         return evaluate(self.model, self.batches, autocast_dtype=self.autocast)
 
@@ -237,7 +268,9 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
     model = build_model(cfg.model, data.num_classes, cfg.norm)
     arrays = ArrayRecord(model.state_dict())
     strategy = build_strategy(cfg, [name for name, _ in model.named_parameters()],
-                              cohort_workers(cfg, available_workers))
+                              cohort_workers(cfg, available_workers),
+                              make_partition(data.train_labels.numpy(), cfg.partition_spec(), data.num_classes)
+                              if cfg.step_normaliser == "fl-simulator" else None)
     evaluator = CentralEvaluator(model, data, device, cfg.precision)
     probe = None
     if cfg.sharpness_every:
@@ -302,9 +335,15 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
             "local_steps": int(metrics["num-steps"]),
             "test_loss": None,
             "test_accuracy": None,
+            "test_top5_accuracy": None,
         }
+        for name in ("client-drift", "correction-norm"):  # the strategy's diagnostics of the round, if any
+            if name in metrics:
+                record[name.replace("-", "_")] = float(metrics[name])
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
-            record["test_loss"], record["test_accuracy"] = evaluator(arrays)
+            evaluation = evaluator(arrays)
+            record["test_loss"], record["test_accuracy"] = evaluation.loss, evaluation.accuracy
+            record["test_top5_accuracy"] = evaluation.top5_accuracy
             if not math.isfinite(record["test_loss"]):
                 raise fail(rnd, f"the global model diverged (test loss {record['test_loss']})")
         if probe is not None and (rnd % cfg.sharpness_every == 0 or rnd == cfg.rounds):

@@ -1,9 +1,12 @@
-"""PNG figures: the label heatmap of a split, accuracy curves, the heterogeneity plot."""
+"""PNG figures: the label heatmap of a split, accuracy curves, the heterogeneity plot, and the
+per-round diagnostics of a sweep (client drift, the norm of a method's correction state)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+
+import math
 
 import matplotlib
 
@@ -14,6 +17,9 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 SHARPNESS_TITLE = "sharpness of the final global model (top Hessian eigenvalue)"
+DRIFT_RATIO = r"$\|\Delta_i - \bar{\Delta}\| \,/\, \|\bar{\Delta}\|$"  # mathtext: a plain Δ̄ loses its bar
+DRIFT_TITLE = f"client drift: mean over a round's clients of {DRIFT_RATIO}"
+CORRECTION_TITLE = "norm of the method's correction state (control variate, dual, momentum)"
 
 
 def label_heatmap(counts: np.ndarray, classes: Sequence[str], path: str | Path, title: str) -> None:
@@ -70,21 +76,54 @@ def _order(values) -> list:
     return sorted(set(values), key=lambda v: (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)))
 
 
-def _mean_curve(runs) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _mean_curve(runs, key: str = "test_accuracy") -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``key`` against round, mean and std over the runs, on the rounds all of them recorded."""
     curves = []
     for r in runs:
-        points = {m["round"]: m["test_accuracy"] for m in r.metrics if m.get("test_accuracy") is not None}
+        points = {m["round"]: m[key] for m in r.metrics if _number(m.get(key))}
         if points:
             curves.append(points)
     if not curves:
         return None
     rounds = sorted(set.intersection(*(set(c) for c in curves)))
+    if not rounds:  # seeds that recorded it on disjoint rounds have no common curve
+        return None
     values = np.array([[c[x] for x in rounds] for c in curves])
     return np.array(rounds), values.mean(axis=0), values.std(axis=0, ddof=1) if len(curves) > 1 else 0 * values[0]
 
 
+def metric_curves(rows, keys: list[str], key: str, path: Path, ylabel: str, title: str) -> bool:
+    """``key`` against round, one line per configuration (the mean over its finished seeds), log y
+    when every value is positive (drift and norms span decades); ``False``, and no file, when no
+    run recorded it."""
+    curves = [(row, curve) for row in rows if (curve := _mean_curve(row.done, key)) is not None]
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=100)
+    for i, (row, (rounds, mean, _)) in enumerate(curves):
+        ax.plot(rounds, mean, color=f"C{i % 10}", label=_label(row.config, keys),
+                marker="." if len(rounds) < 40 else None)
+    if all((mean > 0).all() for _, (_, mean, _) in curves):
+        ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def sweep_figures(rows, keys: list[str], directory: Path) -> list[str]:
-    """curves.png always; alpha.png and sharpness.png when there is something to show."""
+    """curves.png always; alpha.png, sharpness.png, drift.png and correction.png when there is
+    something to show."""
     written = []
     panel_key = next((k for k in ("dirichlet-alpha", "partition", "classes-per-client") if k in keys), None)
     line_keys = [k for k in keys if k != panel_key]
@@ -168,4 +207,10 @@ def sweep_figures(rows, keys: list[str], directory: Path) -> list[str]:
         fig.savefig(directory / "sharpness.png")
         plt.close(fig)
         written.append("sharpness.png")
+    if metric_curves(rows, keys, "client_drift", directory / "drift.png",
+                     f"client drift {DRIFT_RATIO} (mean over seeds)", DRIFT_TITLE):
+        written.append("drift.png")
+    if metric_curves(rows, keys, "correction_norm", directory / "correction.png",
+                     "correction-state L2 norm (mean over seeds)", CORRECTION_TITLE):
+        written.append("correction.png")
     return written

@@ -1,4 +1,8 @@
-"""Named settings from the literature; any flag given on the command line overrides them."""
+"""Named settings from the literature; any flag given on the command line overrides them.
+
+A preset's ``"methods"`` table holds the settings of one strategy: they apply when the run's
+strategy (the preset's own, or ``--strategy``) is that one.
+"""
 
 PRESETS: dict[str, dict] = {
     # A first run: minutes on a laptop CPU, and SAM's effect already visible in the curves.
@@ -8,14 +12,30 @@ PRESETS: dict[str, dict] = {
         "strategy": "fedsam", "optimizer": "sam", "rho": 0.1, "lr": 0.05, "momentum": 0.0,
         "weight-decay": 4e-4, "eval-every": 1,
     },
-    # The MoFedSAM setting of FL-Simulator's README (Qu et al. 2022): ResNet-18 with the ImageNet
-    # stem and GroupNorm(2), 100 clients, Bernoulli(0.1) participation, 5 epochs, batch 50.
+    # FL-Simulator's setting (woodenchild95/FL-Simulator, its README table and train.py): ResNet-18
+    # with the ImageNet stem and GroupNorm(2), 100 clients, Bernoulli(0.1) participation, 5 epochs,
+    # batch 50, plain SGD with weight decay 1e-3, lr 0.1 decayed 0.998 a round, every direction
+    # clipped at 10, and the reference's conventions (round 1 mixed with α, K̂ = E·n_0/b). MoFedSAM
+    # by default; "methods" holds each method's own row, used when --strategy names it.
     "fl-simulator-cifar10": {
         "dataset": "cifar10", "model": "resnet18-fls", "partition": "dirichlet-equal", "dirichlet-alpha": 0.3,
         "num-clients": 100, "clients-per-round": 10, "client-sampling": "bernoulli", "rounds": 1000,
-        "local-epochs": 5, "batch-size": 50, "strategy": "mofedsam", "optimizer": "sam", "rho": 0.1,
-        "momentum-alpha": 0.1, "lr": 0.1, "lr-decay": 0.998, "weight-decay": 1e-3, "momentum": 0.0,
-        "grad-clip": 10.0, "server-lr": 1.0, "eval-every": 10,
+        "local-epochs": 5, "batch-size": 50, "strategy": "mofedsam", "lr": 0.1, "lr-decay": 0.998,
+        "weight-decay": 1e-3, "momentum": 0.0, "grad-clip": 10.0, "eval-every": 10,
+        "methods": {
+            "fedavg": {"server-lr": 1.0},
+            "fedsam": {"server-lr": 1.0, "rho": 0.1},
+            "fedprox": {"prox-mu": 0.1, "prox-clip": "reference"},
+            "fedcm": {"momentum-alpha": 0.1, "first-round-alpha": "alpha", "step-normaliser": "fl-simulator"},
+            "mofedsam": {"optimizer": "sam", "rho": 0.1, "momentum-alpha": 0.1, "first-round-alpha": "alpha",
+                         "step-normaliser": "fl-simulator", "server-lr": 1.0},
+            "scaffold": {"server-lr": 1.0, "step-normaliser": "fl-simulator"},
+            "fedgamma": {"server-lr": 1.0, "rho": 0.01, "step-normaliser": "fl-simulator"},
+            "feddyn": {"dyn-lambda": 0.1, "lr-decay": 0.9995},
+            "fedadam": {"server-lr": 0.1, "adam-beta1": 0.9, "adam-beta2": 0.99, "adam-tau": 0.01, "adam-v0": "zero"},
+            "fedspeed": {"rho": 0.1, "dyn-lambda": 0.1},
+            "fedsmoo": {"rho": 0.1, "dyn-lambda": 0.1},
+        },
     },
     # Caldarola et al. (ECCV 2022, debcaldarola/fedsam): LeNet-style CNN, 100 clients x 500 images
     # with Dirichlet class priors, 5 clients per round, 1 epoch, batch 64, 10,000 rounds.

@@ -8,6 +8,10 @@ hardware it ran. The table gives, as mean ± standard deviation over seeds (samp
   curve has flattened when this is near zero, and a clearly positive value asks for more rounds;
 - the best test accuracy; the rounds to reach ``--target``; the wall time;
 - the final sharpness (top Hessian eigenvalue), when the runs recorded it (``--sharpness-every``);
+- when any run recorded them (older runs did not): the final top-5 test accuracy; the client drift
+  (mean over a round's clients of ‖Δ_i − Δ̄‖ / ‖Δ̄‖) averaged over the last 10% of rounds, which says
+  how far heterogeneity pulls the clients apart; and the final norm of the method's correction state
+  (SCAFFOLD's control variate, FedDyn's h, FedCM's momentum, ...), which shows whether it settles;
 - against the FedAvg + SGD configuration with the same other settings: the difference in final
   accuracy ± its standard error, called *better* or *worse* only beyond two standard errors.
 
@@ -17,7 +21,8 @@ named (file and line) in report.md.
 
 Written into DIR: ``report.md``, ``report.csv``, ``curves.png`` (accuracy against round, a band
 of ±1 std across seeds), ``alpha.png`` (final accuracy against Dirichlet α, when α varies) and
-``sharpness.png`` (when sharpness was recorded).
+``sharpness.png`` (when sharpness was recorded), ``drift.png`` (client drift against round, when
+recorded) and ``correction.png`` (the correction state's norm against round, when recorded).
 """
 
 from __future__ import annotations
@@ -39,7 +44,13 @@ from simulations import results
 NOT_CONFIGURATION = {"seed", "out", "data-dir", "download", "device", "num-cpus-per-client", "num-gpus-per-client",
                      "ray-num-cpus", "ray-address"}
 METHOD_KEYS = {"strategy", "optimizer", "rho", "eta", "fgsm-steps", "ascent-momentum", "momentum-alpha",
-               "server-momentum"}
+               "server-momentum", "prox-mu", "prox-clip", "dyn-lambda", "step-normaliser", "first-round-alpha",
+               "relaxed-init", "adam-beta1", "adam-beta2", "adam-tau", "adam-v0"}
+# Optional per-round diagnostics: (metrics key, table header, CSV prefix). A column appears only when
+# some finished run recorded the key, so a table of older runs keeps its shape.
+DIAGNOSTICS = (("test_top5_accuracy", "final top-5 acc %", "top5"),
+               ("client_drift", "client drift (last 10%)", "drift"),
+               ("correction_norm", "correction norm", "correction"))
 
 
 @dataclass
@@ -152,19 +163,44 @@ def sorted_rows(rows: list[Row], keys: list[str]) -> list[Row]:
     return sorted(rows, key=lambda row: [value(row.config.get(k)) for k in keys])
 
 
-def last_tenth_mean(metrics: list[dict[str, Any]], tenths_back: int = 0) -> float | None:
-    """Mean test accuracy over the evaluated rounds among the last 10% of rounds (at least the last
-    one); ``tenths_back=1`` takes the 10% of rounds before those."""
+def recorded(record: dict[str, Any], key: str) -> float | None:
+    """``record[key]`` when it is a finite number; ``None`` when absent, null (a round that did not
+    measure it) or anything else, so that a stray value never reaches a mean or a log axis."""
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def last_tenth_mean(metrics: list[dict[str, Any]], tenths_back: int = 0, key: str = "test_accuracy") -> float | None:
+    """Mean of ``key`` (test accuracy unless told) over the rounds among the last 10% of rounds that
+    recorded it (at least the last such round); ``tenths_back=1`` takes the 10% of rounds before those."""
     if not metrics:
         return None
     rounds = metrics[-1]["round"]
     width = max(1, math.ceil(0.1 * rounds))
     last = rounds - tenths_back * width
-    values = [m["test_accuracy"] for m in metrics
-              if last - width < m["round"] <= last and m.get("test_accuracy") is not None]
+    values = [v for m in metrics if last - width < m["round"] <= last and (v := recorded(m, key)) is not None]
     if not values and tenths_back == 0:
-        values = [m["test_accuracy"] for m in metrics if m.get("test_accuracy") is not None][-1:]
+        values = [v for m in metrics if (v := recorded(m, key)) is not None][-1:]
     return float(np.mean(values)) if values else None
+
+
+def final_value(metrics: list[dict[str, Any]], key: str) -> float | None:
+    """The last round's value of ``key`` among the rounds that recorded it."""
+    return next((v for m in reversed(metrics) if (v := recorded(m, key)) is not None), None)
+
+
+def diagnostic(metrics: list[dict[str, Any]], key: str) -> float | None:
+    """One run's figure for a ``DIAGNOSTICS`` column: drift is noisy round to round, so it is
+    averaged over the last 10% of rounds; accuracy and the correction norm are taken at the end."""
+    return last_tenth_mean(metrics, key=key) if key == "client_drift" else final_value(metrics, key)
+
+
+def recorded_diagnostics(rows: list[Row]) -> list[tuple[str, str, str]]:
+    """The ``DIAGNOSTICS`` some finished run recorded (a number in at least one round)."""
+    return [d for d in DIAGNOSTICS
+            if any(recorded(m, d[0]) is not None for row in rows for r in row.done for m in r.metrics)]
 
 
 def late_trend(metrics: list[dict[str, Any]]) -> float | None:
@@ -196,6 +232,7 @@ def row_stats(row: Row, target: float) -> dict[str, Any]:
         "best": mean_std([r.summary["best_test_accuracy"] for r in done]),
         "wall": mean_std([r.summary["wall_seconds"] for r in done]),
         "sharpness": mean_std([r.summary.get("final_sharpness") for r in done]),
+        **{key: mean_std([diagnostic(r.metrics, key) for r in done]) for key, _, _ in DIAGNOSTICS},
         "to_target": mean_std([x for x in reached if x is not None]),
         "reached": sum(x is not None for x in reached),
         "seeds": f"{len(done)}/{len(row.runs)}",
@@ -245,9 +282,13 @@ def label(row: Row, keys: list[str]) -> str:
 
 
 def build_table(rows: list[Row], keys: list[str], target: float) -> tuple[list[str], list[list[str]], list[dict]]:
-    header = ["configuration", "seeds", "final acc %", "last-10% acc %", "still rising (pts)", "best acc %",
-              f"rounds to {100 * target:.0f}%",
-              "wall time s", "sharpness λ_max", "vs FedAvg+SGD (final, pts)"]
+    diagnostics = {key: (title, prefix) for key, title, prefix in recorded_diagnostics(rows)}
+    top5 = [k for k in diagnostics if k == "test_top5_accuracy"]  # beside the final top-1
+    after = [k for k in diagnostics if k != "test_top5_accuracy"]  # beside the sharpness
+    formats = {"test_top5_accuracy": (".2f", 100), "client_drift": (".3f", 1), "correction_norm": (".3g", 1)}
+    header = ["configuration", "seeds", "final acc %", *(diagnostics[k][0] for k in top5), "last-10% acc %",
+              "still rising (pts)", "best acc %", f"rounds to {100 * target:.0f}%",
+              "wall time s", "sharpness λ_max", *(diagnostics[k][0] for k in after), "vs FedAvg+SGD (final, pts)"]
     stats = {row.key: row_stats(row, target) for row in rows}
     lines, records = [], []
     for row in rows:
@@ -263,10 +304,13 @@ def build_table(rows: list[Row], keys: list[str], target: float) -> tuple[list[s
             compare = f"{100 * delta:+.2f}{spread}: {verdict}"
         to_target = "never" if st["reached"] == 0 else \
             f"{st['to_target'][0]:.0f}" + ("" if st["reached"] == st["n"] else f" ({st['reached']}/{st['n']} seeds)")
-        lines.append([label(row, keys), st["seeds"],
-                      *(mean_std_text(st[k], fmt, 100) for k, fmt in (("final", ".2f"), ("last10", ".2f"),
-                                                                     ("trend", "+.2f"), ("best", ".2f"))),
-                      to_target, mean_std_text(st["wall"], ".0f"), mean_std_text(st["sharpness"], ".2f"), compare])
+        shown = {k: mean_std_text(st[k], *formats[k]) for k in diagnostics}
+        lines.append([label(row, keys), st["seeds"], mean_std_text(st["final"], ".2f", 100),
+                      *(shown[k] for k in top5),
+                      *(mean_std_text(st[k], fmt, 100) for k, fmt in (("last10", ".2f"), ("trend", "+.2f"),
+                                                                     ("best", ".2f"))),
+                      to_target, mean_std_text(st["wall"], ".0f"), mean_std_text(st["sharpness"], ".2f"),
+                      *(shown[k] for k in after), compare])
         records.append({
             "configuration": label(row, keys), **{k: row.config.get(k) for k in keys},
             "seeds_done": st["n"], "seeds_total": len(row.runs),
@@ -276,9 +320,22 @@ def build_table(rows: list[Row], keys: list[str], target: float) -> tuple[list[s
             "best_mean": st["best"][0], "best_std": st["best"][1],
             "rounds_to_target_mean": st["to_target"][0], "seeds_reaching_target": st["reached"],
             "wall_seconds_mean": st["wall"][0], "sharpness_mean": st["sharpness"][0], "sharpness_std": st["sharpness"][1],
+            **{f"{prefix}_{part}": st[k][i] for k, (_, prefix) in diagnostics.items()
+               for i, part in enumerate(("mean", "std"))},
             "delta_vs_fedavg_sgd": delta, "delta_se": se, "verdict": verdict or ("baseline" if compare == "baseline" else ""),
         })
     return header, lines, records
+
+
+def diagnostics_note(rows: list[Row]) -> str:
+    """What the optional columns mean, for those the table shows."""
+    shown = {key for key, _, _ in recorded_diagnostics(rows)}
+    notes = {"client_drift": " 'client drift' is the mean over a round's clients of ‖Δ_i − Δ̄‖ / ‖Δ̄‖ (Δ_i a "
+                             "client's update, Δ̄ their weighted mean), averaged over the last 10% of rounds.",
+             "correction_norm": " 'correction norm' is the final L2 norm of the method's correction state "
+                                "(SCAFFOLD's control variate, FedDyn's h, FedCM's momentum); — for methods "
+                                "without one."}
+    return "".join(text for key, text in notes.items() if key in shown)
 
 
 def markdown_table(header: list[str], lines: list[list[str]]) -> str:
@@ -316,7 +373,7 @@ def run(args: argparse.Namespace) -> int:
             f"target accuracy {100 * target:.1f}%. 'vs FedAvg+SGD' is the difference in mean final accuracy to the "
             "FedAvg + SGD run with the same other settings, ± its standard error; *better*/*worse* beyond 2 SE. "
             "'still rising' is the last 10% of rounds' mean accuracy minus that of the 10% before: near 0 once "
-            "a curve has flattened.", "",
+            "a curve has flattened." + diagnostics_note(rows), "",
             markdown_table(header, lines), ""]
     if failed:
         text += ["## Failed or unfinished runs", ""] + [f"- `{r.name}`: {r.error}" for r in failed] + [""]

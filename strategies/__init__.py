@@ -1,9 +1,18 @@
-"""Server strategies on Flower's message API: FedAvg, FedSAM, MoFedSAM, FedAvgM."""
+"""Server strategies on Flower's message API: FedAvg and FedSAM, the drift-correcting methods
+(FedProx, FedCM, SCAFFOLD, FedDyn, FedAdam, FedAvgM) and their SAM variants (MoFedSAM, FedGAMMA,
+FedSpeed, FedSMOO)."""
 
-from .fedavg import FedAvg, SeededRounds
+from .fedadam import FedAdam
+from .fedavg import ClientUpdate, FedAvg, SeededRounds
 from .fedavgm import FedAvgM
+from .fedcm import FedCM
+from .feddyn import FedDyn, FedSMOO, FedSpeed
+from .fedprox import FedProx
 from .fedsam import FedSAM
 from .mofedsam import MoFedSAM
 from .sampling import ClientSampler, NodeSetupError, query_partition_ids
+from .scaffold import FedGAMMA, Scaffold
 
-__all__ = ["ClientSampler", "NodeSetupError", "FedAvg", "FedAvgM", "FedSAM", "MoFedSAM", "SeededRounds", "query_partition_ids"]
+__all__ = ["ClientSampler", "ClientUpdate", "FedAdam", "FedAvg", "FedAvgM", "FedCM", "FedDyn", "FedGAMMA",
+           "FedProx", "FedSAM", "FedSMOO", "FedSpeed", "MoFedSAM", "NodeSetupError", "Scaffold", "SeededRounds",
+           "query_partition_ids"]

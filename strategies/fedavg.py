@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 from logging import INFO, WARNING
 
@@ -24,6 +25,7 @@ from flwr.supercore import log
 
 from fedsam import wire
 
+from . import vectors
 from .sampling import ClientSampler, NodeSetupError, query_partition_ids, short_reason
 
 
@@ -40,6 +42,17 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
     if all("seconds" in m for m in metrics):
         out["client-seconds-max"] = float(max(float(m["seconds"]) for m in metrics))
     return out
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One usable client's round: who, its ``n_i`` and ``K_i``, ``Δ_i`` (float64) and its reply."""
+
+    partition_id: int
+    num_examples: float
+    num_steps: float
+    delta: vectors.Vector
+    reply: Message
 
 
 def _is_finite(record: ArrayRecord) -> bool:
@@ -103,7 +116,19 @@ class SeededRounds:
         return out
 
     def round_content(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
+        """What every client of the round receives: the model, the config, shared vectors (``fedsam.wire``)."""
         return RecordDict({"arrays": arrays, "config": self.round_config(server_round, config)})
+
+    def client_records(self, server_round: int, partition_id: int) -> dict[str, ArrayRecord]:
+        """The vectors only this client receives (SCAFFOLD's ``c − c_i``, FedDyn's ``λ h_i``): none here."""
+        return {}
+
+    def _with_client_records(self, content: RecordDict, server_round: int, cohort: list[int]) -> RecordDict:
+        out = RecordDict(dict(content.items()))
+        for pid in cohort:
+            for name, record in self.client_records(server_round, pid).items():
+                out[f"{name}.{pid}"] = record
+        return out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -114,13 +139,14 @@ class SeededRounds:
         sampled = self.sampler.sample(server_round)
         if self.workers is None:
             self.sent = {node_of[pid]: [pid] for pid in sampled}
-            return [Message(content, dst_node_id=node_of[pid], message_type=MessageType.TRAIN) for pid in sampled]
+            return [Message(self._with_client_records(content, server_round, [pid]), dst_node_id=node_of[pid],
+                            message_type=MessageType.TRAIN) for pid in sampled]
         messages = []
         self.sent = {}
         for cohort in wire.split(sampled, self.workers):
             cohort_config = ConfigRecord(dict(content["config"]))
             cohort_config[wire.PARTITION_IDS] = cohort
-            cohort_content = RecordDict(dict(content.items()))
+            cohort_content = self._with_client_records(content, server_round, cohort)
             cohort_content["config"] = cohort_config
             self.sent[node_of[cohort[0]]] = cohort
             messages.append(Message(cohort_content, dst_node_id=node_of[cohort[0]], message_type=MessageType.TRAIN))
@@ -150,9 +176,9 @@ class SeededRounds:
                                                      "(a ClientApp other than fedsam's?)")) for pid in sent)
         return sorted(out, key=lambda pair: pair[0])
 
-    def usable_replies(self, replies: Iterable[Message]) -> list[Message]:
-        """Replies that carry finite arrays, one per client in partition order; the rest go to
-        ``self.failures``."""
+    def usable_replies(self, replies: Iterable[Message]) -> list[tuple[int, Message]]:
+        """``(partition id, reply)`` of the clients whose replies carry finite arrays, in partition
+        order; the rest go to ``self.failures`` (a failed client's state stays as it was)."""
         usable, self.failures = [], []
         pairs = self.client_replies(replies)
         self.answered = {pid for pid, _ in pairs}
@@ -162,10 +188,40 @@ class SeededRounds:
             elif not all(_is_finite(r) for r in reply.content.array_records.values()):
                 self.failures.append((pid, "non-finite values in the returned arrays"))
             else:
-                usable.append(reply)
+                usable.append((pid, reply))
         for pid, reason in self.failures:
             log(WARNING, "client %d failed: %s", pid, reason)
         return usable
+
+    def client_updates(self, usable: list[tuple[int, Message]]) -> list[ClientUpdate]:
+        """Each usable client's ``Δ_i = w_i − w_t`` over the model's floating-point arrays, in float64."""
+        assert self.current_arrays is not None
+        start = vectors.floats(self.current_arrays)
+        out = []
+        for pid, reply in usable:
+            metrics = next(iter(reply.content.metric_records.values()))
+            final = vectors.floats(reply.content["arrays"])
+            out.append(ClientUpdate(pid, float(metrics["num-examples"]), float(metrics["num-steps"]),
+                                    {k: final[k] - start[k] for k in start}, reply))
+        return out
+
+    def round_diagnostics(self, updates: list[ClientUpdate]) -> dict[str, float]:
+        """What a drift study reads each round: ``client-drift = mean_i ‖Δ_i − Δ̄‖ / ‖Δ̄‖`` (Δ̄
+        example-weighted) and, for methods with one, the norm of their correction state."""
+        out = {}
+        if updates:
+            mean = vectors.weighted_mean([u.delta for u in updates], [u.num_examples for u in updates])
+            scale = vectors.norm(mean)
+            if scale > 0:
+                out["client-drift"] = float(np.mean([vectors.norm(vectors.sub(u.delta, mean)) for u in updates]) / scale)
+        correction = self.correction_norm()
+        if correction is not None:
+            out["correction-norm"] = correction
+        return out
+
+    def correction_norm(self) -> float | None:
+        """‖the method's correction state‖ after the round (SCAFFOLD's c, FedDyn's h̄, ...); none here."""
+        return None
 
     def apply_server_lr(self, server_lr: float, averaged: ArrayRecord) -> ArrayRecord:
         """``w_t + η_g (avg − w_t)``, in float64, cast back to each array's dtype."""
@@ -230,15 +286,23 @@ class FedAvg(SeededRounds, FlowerFedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global model and the round's metrics (train loss and accuracy, client drift,
+        the correction's norm), or ``(None, None)`` when no client succeeded."""
         usable = self.usable_replies(replies)
         if not usable:
             return None, None
-        return self.aggregate_usable(server_round, usable)
+        updates = self.client_updates(usable)
+        arrays, metrics = self.aggregate_usable(server_round, updates)
+        if arrays is not None and metrics is not None:
+            for name, value in self.round_diagnostics(updates).items():
+                metrics[name] = value
+        return arrays, metrics
 
     def aggregate_usable(self, server_round: int,
-                         usable: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate replies already checked by ``usable_replies``."""
-        averaged, metrics = FlowerFedAvg.aggregate_train(self, server_round, usable)
+                         updates: list[ClientUpdate]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The server update from the round's usable clients (``client_updates``): here FedAvg's
+        ``w_t + η_g Δ̄``; a strategy with state updates it here too."""
+        averaged, metrics = FlowerFedAvg.aggregate_train(self, server_round, [u.reply for u in updates])
         if averaged is None:
             return None, metrics
         return self.apply_server_lr(self.server_lr, averaged), metrics

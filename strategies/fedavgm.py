@@ -41,4 +41,16 @@ class FedAvgM(SeededRounds, FlowerFedAvgM):
         usable = self.usable_replies(replies)
         if not usable:
             return None, None
-        return super().aggregate_train(server_round, usable)
+        updates = self.client_updates(usable)
+        arrays, metrics = super().aggregate_train(server_round, [u.reply for u in updates])
+        if arrays is not None and metrics is not None:
+            for name, value in self.round_diagnostics(updates).items():
+                metrics[name] = value
+        return arrays, metrics
+
+    def correction_norm(self) -> float | None:
+        """‖v‖, the server velocity."""
+        if self.momentum_vector is None:
+            return None
+        return float(np.sqrt(sum(float(np.sum(np.square(np.asarray(v, dtype=np.float64))))
+                                 for v in self.momentum_vector)))

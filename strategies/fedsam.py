@@ -3,6 +3,7 @@
 The server math is FedAvg's; what makes it FedSAM is the local optimizer. This class sends
 ``optimizer = "sam"`` with ``rho = 0.1`` (the federated papers' radius) unless the train config
 names an optimizer already, so ``FedSAM(...).start(...)`` is FedSAM with no further setup.
+``ClientDefaults`` does the same for every SAM variant (MoFedSAM, FedGAMMA, FedSpeed, FedSMOO).
 """
 
 from __future__ import annotations
@@ -14,14 +15,22 @@ from fedsam.optim import FEDERATED_RHO
 from .fedavg import FedAvg
 
 
-def with_sam_defaults(config: ConfigRecord, optimizer: str, rho: float) -> ConfigRecord:
-    if "optimizer" not in config:
-        config["optimizer"] = optimizer
-        config.setdefault("rho", rho)
-    return config
+class ClientDefaults:
+    """Sends the method's client optimizer and ρ when the train config names no optimizer."""
+
+    client_optimizer: str | None = None
+    rho: float | None = None
+
+    def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        out = super().round_config(server_round, config)  # type: ignore[misc]
+        if self.client_optimizer is not None and "optimizer" not in out:
+            out["optimizer"] = self.client_optimizer
+            if self.rho is not None:
+                out.setdefault("rho", self.rho)
+        return out
 
 
-class FedSAM(FedAvg):
+class FedSAM(ClientDefaults, FedAvg):
     """FedAvg whose clients default to SAM.
 
     Parameters
@@ -40,6 +49,3 @@ class FedSAM(FedAvg):
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, server_lr=server_lr,
                          lr_decay=lr_decay, query_timeout=query_timeout, workers=workers)
         self.client_optimizer, self.rho = client_optimizer, rho
-
-    def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
-        return with_sam_defaults(super().round_config(server_round, config), self.client_optimizer, self.rho)

@@ -52,12 +52,14 @@ RULES = [
 ]
 
 
-def _one_by_one(model, spec, options, epochs, **kwargs):
+def _one_by_one(model, spec, options, epochs, corrections=None, **kwargs):
     out = []
     for i, n in enumerate(SIZES):
         local = copy.deepcopy(model)
         optimizer = build(spec, local.parameters(), **options)
-        result = train_locally(local, optimizer, _batches(i, n), epochs, num_examples=n, **kwargs)
+        correction = corrections[i] if corrections is not None else None
+        result = train_locally(local, optimizer, _batches(i, n), epochs, num_examples=n, correction=correction,
+                               **kwargs)
         out.append((local.state_dict(), result))
     return out
 
@@ -90,6 +92,60 @@ def test_batched_mofedsam_mix_and_clipping_equal_one_by_one(spec):
     kwargs = dict(grad_clip=0.5, global_momentum=momentum, momentum_alpha=0.1)
     batched = train_cohort(model, spec, options, [_batches(i, n) for i, n in enumerate(SIZES)], 2, **kwargs)
     _assert_same(batched, _one_by_one(model, spec, options, 2, **kwargs))
+
+
+def _corrections(model, scale=0.3):
+    """A different ``b`` for each client, and none for the second."""
+    out = []
+    for i in range(len(SIZES)):
+        g = torch.Generator().manual_seed(50 + i)
+        out.append(None if i == 1 else {n: scale * torch.randn(p.shape, generator=g, dtype=p.dtype)
+                                        for n, p in model.named_parameters()})
+    return out
+
+
+@pytest.mark.parametrize(("spec", "options"), [
+    ("sgd", {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}),
+    ("sam", {"lr": 0.05, "rho": 0.1, "weight_decay": 5e-4}),
+], ids=["sgd", "sam"])
+def test_batched_corrections_direction_decay_and_clipping_equal_one_by_one(spec, options):
+    torch.manual_seed(4)
+    model = Small().double()
+    corrections = _corrections(model)
+    kwargs = dict(grad_clip=0.5, direction_decay=0.05)
+    batched = train_cohort(model, spec, options, [_batches(i, n) for i, n in enumerate(SIZES)], 2,
+                           corrections=corrections, **kwargs)
+    _assert_same(batched, _one_by_one(model, spec, options, 2, corrections=corrections, **kwargs))
+    unclipped = train_cohort(model, spec, options, [_batches(i, n) for i, n in enumerate(SIZES)], 2,
+                             corrections=corrections, direction_decay=0.05)
+    name = next(iter(unclipped[0][0]))
+    assert not torch.allclose(unclipped[0][0][name], batched[0][0][name])  # the clipping was active
+
+
+@pytest.mark.parametrize("spec", ["sgd", "sam"])
+def test_batched_corrections_with_the_momentum_mix_equal_one_by_one(spec):
+    torch.manual_seed(5)
+    model = Small().double()
+    momentum = {n: 0.3 * torch.randn_like(p) for n, p in model.named_parameters()}
+    corrections = _corrections(model, scale=0.1)
+    options = {"lr": 0.05, "rho": 0.1, "weight_decay": 1e-3}
+    kwargs = dict(grad_clip=0.5, global_momentum=momentum, momentum_alpha=0.1, direction_decay=0.01)
+    batched = train_cohort(model, spec, options, [_batches(i, n) for i, n in enumerate(SIZES)], 2,
+                           corrections=corrections, **kwargs)
+    _assert_same(batched, _one_by_one(model, spec, options, 2, corrections=corrections, **kwargs))
+
+
+def test_no_corrections_at_all_is_no_correction():
+    torch.manual_seed(6)
+    model = Small().double()
+    clients = lambda: [_batches(i, n) for i, n in enumerate(SIZES)]  # noqa: E731
+    plain = train_cohort(model, "sgd", {"lr": 0.05}, clients(), 1)
+    nones = train_cohort(model, "sgd", {"lr": 0.05}, clients(), 1, corrections=[None] * len(SIZES))
+    for (a, _), (b, _) in zip(plain, nones):
+        for name, tensor in a.items():
+            assert torch.equal(tensor, b[name])
+    with pytest.raises(ValueError, match="one entry per client"):
+        train_cohort(model, "sgd", {"lr": 0.05}, clients(), 1, corrections=[None])
 
 
 def test_the_caldarola_cnn_batches_exactly_too():
@@ -149,5 +205,10 @@ def test_what_cannot_batch_says_why():
     assert "plug-in" in batchable("torch.optim:Adam", Small())
     bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     assert "BatchNorm" in batchable("sgd", bn)
+    assert "dual" in batchable("dual-sam", Small())
+    with pytest.raises(ValueError, match="no batched rule"):
+        ClientRule.of("dual-sam", {"lr": 0.1})
+    with pytest.raises(ValueError, match="cannot be batched"):
+        train_cohort(Small(), "dual-sam", {"lr": 0.1}, [_batches(0, 8)], 1)
     with pytest.raises(ValueError, match="cannot be batched"):
         train_cohort(bn, "sgd", {"lr": 0.1}, [_batches(0, 8)], 1)

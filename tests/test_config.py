@@ -83,7 +83,7 @@ def test_unreadable_config_files(tmp_path):
     ({"momentum": 1.0}, "momentum must be in [0, 1)"),
     ({"momentum_alpha": 0.0}, "momentum-alpha must be in (0, 1]"),
     ({"rho": 0.0}, "rho must be > 0"),
-    ({"strategy": "scaffold"}, "unknown strategy 'scaffold'"),
+    ({"strategy": "fednova"}, "unknown strategy 'fednova'"),
     ({"model": "vit"}, "unknown model 'vit'"),
     ({"dataset": "mnist"}, "unknown dataset 'mnist'"),
     ({"num_gpus_per_client": -0.5}, "num-gpus-per-client"),

@@ -45,10 +45,23 @@ def reference(cifar10_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(cifar10_dir, tmp_path_factory):
+    """Uninterrupted runs of the methods whose clients keep state between rounds (SCAFFOLD's c_i,
+    FedDyn's h_i), which a checkpoint must carry and a resume restore exactly."""
+    def run(strategy):
+        out = tmp_path_factory.mktemp(strategy) / "run"
+        run_inprocess(_cfg(cifar10_dir, out, strategy=strategy))
+        return out
+    return {strategy: run(strategy) for strategy in ("scaffold", "feddyn")}
+
+
 @pytest.mark.processes
-def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_run(cifar10_dir, tmp_path, reference):
+@pytest.mark.parametrize("strategy", ["scaffold", "feddyn"])
+def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_run(cifar10_dir, tmp_path, uninterrupted, strategy):
+    reference = uninterrupted[strategy]
     out = tmp_path / "killed"
-    argv = [sys.executable, "-m", "simulations", "run", "--data-dir", str(cifar10_dir), "--strategy", "mofedsam",
+    argv = [sys.executable, "-m", "simulations", "run", "--data-dir", str(cifar10_dir), "--strategy", strategy,
             "--out", str(out)] + [f"--{k.replace('_', '-')}={v}" for k, v in BASE.items()]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

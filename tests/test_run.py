@@ -108,7 +108,7 @@ def no_simulation(monkeypatch):
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["--strategy", "scaffold"], "invalid choice: 'scaffold'"),
+    (["--strategy", "fednova"], "invalid choice: 'fednova'"),
     (["--model", "vit"], "invalid choice: 'vit'"),
     (["--dataset", "mnist"], "invalid choice: 'mnist'"),
     (["--optimizer", "adamw-sam"], "unknown optimizer 'adamw-sam'"),

@@ -311,7 +311,7 @@ def test_last_tenth_and_rounds_to_target():
     (["--vary", "seed=1,2"], "use --seeds"),
     (["--vary", "lr=0.1", "--vary", "lr=0.2"], "given twice"),
     (["--vary", "rounds=two"], "rounds must be int"),
-    (["--vary", "strategy=fedavg,scaffold"], "unknown strategy 'scaffold'"),
+    (["--vary", "strategy=fedavg,fednova"], "unknown strategy 'fednova'"),
     (["--vary", "lr=0.1", "--seeds", "a,b"], "--seeds must be comma-separated integers"),
     (["--vary", "lr=0.1", "--parallel", "0"], "--parallel must be >= 1"),
     ([], "at least one --vary"),
@@ -443,3 +443,113 @@ def test_the_sharpness_plot_has_a_title_and_axis_labels(tmp_path, capsys, monkey
         assert code == 0, stderr
         (title, xlabel, ylabel), = saved.pop("sharpness.png")
         assert "sharpness" in title and xlabel and "λ_max" in ylabel, (grid.name, title, xlabel, ylabel)
+
+
+def _diagnosed_run(folder, strategy, seed, top5=None, drift=None, correction=None, rounds=20):
+    """``_fake_run`` with the newer per-round keys: ``top5`` the final top-5 accuracy, ``drift`` a
+    function of the round, ``correction`` the norm every round (None: the key is not written)."""
+    _fake_run(folder, 0.05, rounds=rounds)
+    (folder / "config.json").write_text(json.dumps({"strategy": strategy, "optimizer": "sgd", "seed": seed}))
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        r = record["round"]
+        if top5 is not None:
+            record["test_top5_accuracy"] = top5 * r / rounds
+        if drift is not None:
+            record["client_drift"] = drift(r)
+        if correction is not None:
+            record["correction_norm"] = correction * r / rounds
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return folder
+
+
+def test_the_table_shows_top5_drift_and_correction_norm_when_runs_recorded_them(tmp_path, capsys):
+    """Top-5 and the correction norm at the last round, drift over the last 10% of rounds (here
+    rounds 19 and 20), each as mean ± std over seeds; a method without a correction shows —."""
+    grid = tmp_path / "grid"
+    _diagnosed_run(grid / "fedavg0", "fedavg", 0, top5=0.9, drift=lambda r: 0.5)
+    _diagnosed_run(grid / "scaffold0", "scaffold", 0, top5=0.8, drift=lambda r: r / 10, correction=2.0)
+    _diagnosed_run(grid / "scaffold1", "scaffold", 1, top5=0.6, drift=lambda r: r / 20, correction=4.0)
+    code, _, stderr = run_cli(["report", grid], capsys)
+    assert code == 0, stderr
+    rows = {r["strategy"]: r for r in csv.DictReader(open(grid / "report.csv"))}
+    assert float(rows["scaffold"]["top5_mean"]) == pytest.approx(0.7)
+    assert float(rows["scaffold"]["top5_std"]) == pytest.approx(0.1414214)
+    assert float(rows["scaffold"]["drift_mean"]) == pytest.approx((1.95 + 0.975) / 2)
+    assert float(rows["scaffold"]["correction_mean"]) == pytest.approx(3.0)
+    assert float(rows["fedavg"]["drift_mean"]) == pytest.approx(0.5) and rows["fedavg"]["drift_std"] == ""
+    assert rows["fedavg"]["correction_mean"] == ""
+    md = (grid / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| configuration"))
+    assert "| final acc % | final top-5 acc % | last-10% acc % |" in header
+    assert "| sharpness λ_max | client drift (last 10%) | correction norm | vs FedAvg+SGD" in header
+    scaffold = next(line for line in md.splitlines() if line.startswith("| strategy=scaffold"))
+    assert "| 70.00 ± 14.14 |" in scaffold and "| 1.462 ± 0.689 |" in scaffold and "| 3 ± 1.41 |" in scaffold
+    fedavg = next(line for line in md.splitlines() if line.startswith("| strategy=fedavg"))
+    assert fedavg.split(" | ")[-2] == "—"  # no correction state
+    assert "'client drift' is the mean" in md and "![drift.png](drift.png)" in md
+    for name in ("drift.png", "correction.png"):
+        assert (grid / name).read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_old_runs_without_the_new_keys_keep_the_table_as_it_was(tmp_path, capsys):
+    """Runs from before top-5, drift and the correction norm were recorded (or that recorded them as
+    null) get no empty columns and no drift figure."""
+    grid = tmp_path / "grid"
+    _fake_run(grid / "lr=0.01", 0.01)
+    nulls = _fake_run(grid / "lr=0.02", 0.02)
+    records = [{**json.loads(line), "test_top5_accuracy": None, "client_drift": None, "correction_norm": None}
+               for line in (nulls / "metrics.jsonl").read_text().splitlines()]
+    (nulls / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    code, _, stderr = run_cli(["report", grid], capsys)
+    assert code == 0, stderr
+    md = (grid / "report.md").read_text()
+    assert "top-5" not in md and "drift" not in md and "correction" not in md
+    fields = next(csv.DictReader(open(grid / "report.csv"))).keys()
+    assert not any(f.startswith(("top5_", "drift_", "correction_")) for f in fields)
+    assert not (grid / "drift.png").exists() and not (grid / "correction.png").exists()
+
+
+def test_a_mix_of_old_and_new_runs_shows_the_columns_with_a_dash_for_the_old(tmp_path, capsys):
+    grid = tmp_path / "grid"
+    _fake_run(grid / "old", 0.01)
+    _diagnosed_run(grid / "new", "scaffold", 0, top5=0.9, drift=lambda r: 0.2, correction=1.0)
+    code, _, stderr = run_cli(["report", grid], capsys)
+    assert code == 0, stderr
+    rows = {r["strategy"]: r for r in csv.DictReader(open(grid / "report.csv"))}
+    assert rows["fedsam"]["top5_mean"] == rows["fedsam"]["drift_mean"] == rows["fedsam"]["correction_mean"] == ""
+    assert float(rows["scaffold"]["top5_mean"]) == pytest.approx(0.9)
+
+
+def test_the_drift_plot_has_labelled_axes_a_title_and_a_log_scale(tmp_path, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    saved = {}
+    real_savefig = Figure.savefig
+
+    def keep(fig, path, *args, **kwargs):
+        saved[Path(path).name] = [(ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), ax.get_yscale(),
+                                   [line.get_label() for line in ax.get_lines()]) for ax in fig.axes]
+        return real_savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    grid = tmp_path / "grid"
+    _diagnosed_run(grid / "fedavg", "fedavg", 0, drift=lambda r: 1.0 / r)
+    _diagnosed_run(grid / "scaffold", "scaffold", 0, drift=lambda r: 0.0 if r == 3 else 0.1, correction=1.0)
+    code, _, stderr = run_cli(["report", grid], capsys)
+    assert code == 0, stderr
+    (title, xlabel, ylabel, scale, labels), = saved["drift.png"]
+    assert "drift" in title and xlabel == "round" and "drift" in ylabel
+    assert scale == "linear"  # a zero drift has no place on a log axis
+    assert labels == ["strategy=fedavg", "strategy=scaffold"]
+    (title, xlabel, ylabel, scale, labels), = saved["correction.png"]
+    assert "correction" in title and xlabel == "round" and "norm" in ylabel and scale == "log"
+    assert labels == ["strategy=scaffold"]
+    assert (grid / "drift.png").read_bytes()[:4] == b"\x89PNG"
+
+    saved.clear()
+    positive = tmp_path / "positive"
+    _diagnosed_run(positive / "fedavg", "fedavg", 0, drift=lambda r: 1.0 / r)
+    code, _, stderr = run_cli(["report", positive], capsys)
+    assert code == 0, stderr
+    assert saved["drift.png"][0][3] == "log" and "correction.png" not in saved

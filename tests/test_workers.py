@@ -206,7 +206,7 @@ def test_the_server_takes_from_a_cohort_reply_only_the_clients_it_sent(cifar10_d
     cohort = list(message.content["config"][wire.PARTITION_IDS])
     metrics = MetricRecord({"num-examples": 10, "num-steps": 1, "train-loss": 1.0, "train-accuracy": 0.5, "seconds": 0.1})
     foreign = next(p for p in range(6) if p not in cohort)
-    results = {pid: (arrays, metrics) for pid in cohort[1:]} | {foreign: (arrays, metrics)}
+    results = {pid: {"arrays": arrays, "metrics": metrics} for pid in cohort[1:] + [foreign]}
     pairs = strategy.client_replies([Stray.cohort(message, results)])
     assert [pid for pid, _ in pairs] == sorted(cohort)  # the foreign client is not taken
     missing = dict(pairs)[cohort[0]]

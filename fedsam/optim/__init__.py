@@ -1,6 +1,7 @@
-"""Local optimizers: SGD, SAM, ASAM, multi-step FGSM SAM, and the plug-in point for your own."""
+"""Local optimizers: SGD, SAM, ASAM, multi-step FGSM SAM, FedSMOO's dual SAM, and the plug-in point for your own."""
 
 from .base import PerturbThenDescend
+from .dual_sam import DualSAM
 from .batchnorm import FirstPassStats, batchnorm_layers, frozen_running_stats
 from .fgsm import FGSMSAM, l2_equivalent_rho
 from .registry import (BUILTIN, FEDERATED_RHO, OptimizerSpecError, build, names, portable_spec, register, resolve,
@@ -9,6 +10,7 @@ from .sam import SAM
 
 __all__ = [
     "BUILTIN",
+    "DualSAM",
     "FEDERATED_RHO",
     "FGSMSAM",
     "FirstPassStats",

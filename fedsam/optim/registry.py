@@ -1,6 +1,6 @@
 """Optimizers by name or import path, so a config string picks the client optimizer.
 
-A *spec* is a registered name (``sgd``, ``sam``, ``asam``, ``fgsm-sam`` or one added with
+A *spec* is a registered name (``sgd``, ``sam``, ``asam``, ``fgsm-sam``, ``dual-sam`` or one added with
 ``register``) or an import path ``package.module:factory``. A factory is any callable
 ``factory(params, **options) -> optimizer``; the optimizer follows ``torch.optim``'s shape and
 its ``step(closure)`` accepts a closure that zeroes the gradients, runs forward and backward on
@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .dual_sam import DualSAM
 from .fgsm import FGSMSAM
 from .sam import SAM
 
@@ -63,7 +64,13 @@ def fgsm_sam(params: Iterable, lr: float = 0.01, momentum: float = 0.0, weight_d
                    lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-BUILTIN: dict[str, Factory] = {"sgd": sgd, "sam": sam, "asam": asam, "fgsm-sam": fgsm_sam}
+def dual_sam(params: Iterable, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0,
+             rho: float = FEDERATED_RHO) -> DualSAM:
+    """FedSMOO's SAM with a perturbation dual over SGD (ρ = 0.1 as in Sun et al. 2023)."""
+    return DualSAM(params, torch.optim.SGD, rho=rho, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+BUILTIN: dict[str, Factory] = {"sgd": sgd, "sam": sam, "asam": asam, "fgsm-sam": fgsm_sam, "dual-sam": dual_sam}
 _registry: dict[str, Factory] = dict(BUILTIN)
 
 

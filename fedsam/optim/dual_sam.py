@@ -1,0 +1,98 @@
+"""SAM with a perturbation dual: FedSMOO's local optimizer (Sun et al., ICML 2023; "DRegSAM").
+
+A client perturbs along its gradient *minus* what it and the server already know of the global
+perturbation, so its local ascent stays consistent with the federation's. For one minibatch::
+
+    g     = ∇L(w)
+    ĝ     = g − u − s
+    ε     = ρ · ĝ / (‖ĝ‖₂ + 1e-12)
+    u     ← u + ε − s                 (the client's dual, kept across steps and rounds)
+    g_sam = ∇L(w + ε)
+    w     ← base step from w with g_sam
+
+``u`` (the client's dual) and ``s`` (the server's global perturbation) start at zero; a
+federation loads them each round with ``load_duals`` and reads ``u`` back with ``duals``. With
+``u = s = 0`` and no history the first step is SAM's. ``ρ = 0`` is allowed here: ``ε = 0`` and
+the step is the base step, which is FedSMOO's test hook against FedDyn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from .base import Closure, PerturbThenDescend, require_closure
+
+
+class DualSAM(PerturbThenDescend):
+    """SAM whose ascent direction is corrected by a dual ``u`` and a global perturbation ``s``.
+
+    ``rho`` may differ per parameter group; ``‖ĝ‖₂`` is taken over all parameters together.
+    """
+
+    def __init__(self, params: Any, base_optimizer: Callable[..., torch.optim.Optimizer], rho: float = 0.1,
+                 **base_kwargs: Any) -> None:
+        if not rho >= 0:
+            raise ValueError(f"rho must be >= 0, got {rho}")
+        super().__init__(params, base_optimizer, dict(rho=rho), base_kwargs)
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def load_duals(self, dual: Iterable[torch.Tensor] | None = None,
+                   shift: Iterable[torch.Tensor] | None = None) -> None:
+        """Set ``u`` and ``s``, one tensor per parameter in ``param_groups`` order (``None``: zero)."""
+        params = self._all_params()
+        for name, values in (("dual", dual), ("shift", shift)):
+            buffers = self._buffers(params, name)
+            if values is None:
+                torch._foreach_zero_(buffers)
+                continue
+            values = list(values)
+            if len(values) != len(params):
+                raise ValueError(f"{name}: {len(values)} tensors for {len(params)} parameters")
+            torch._foreach_copy_(buffers, values)
+
+    def duals(self) -> list[torch.Tensor]:
+        """``u`` now, one tensor per parameter in ``param_groups`` order (zeros before any step)."""
+        return self._buffers(self._all_params(), "dual")
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move from ``w`` to ``w + ε`` (ε from ``g − u − s``) and update ``u``."""
+        pending, sq_norms = [], []
+        for group in self.param_groups:
+            params = self._with_grad(group)
+            if not params:
+                continue
+            self._remember(params)
+            eps = self._buffers(params, "e_w")
+            dual, shift = self._buffers(params, "dual"), self._buffers(params, "shift")
+            torch._foreach_copy_(eps, [p.grad for p in params])
+            torch._foreach_sub_(eps, dual)
+            torch._foreach_sub_(eps, shift)  # ĝ = g − u − s
+            sq_norms.append(torch.stack(torch._foreach_norm(eps)).square().sum())
+            pending.append((group, params, eps, dual, shift))
+        if not pending:
+            return
+        norm = torch.stack(sq_norms).sum().sqrt()
+        for group, params, eps, dual, shift in pending:
+            torch._foreach_mul_(eps, group["rho"] / (norm + 1e-12))
+            torch._foreach_add_(dual, eps)
+            torch._foreach_sub_(dual, shift)  # u ← u + ε − s
+            torch._foreach_add_(params, eps)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
+        """Two forward/backward passes on the closure's minibatch; returns the loss at ``w``."""
+        closure = require_closure(closure, "DualSAM")
+        loss = closure()
+        self.first_step()
+        closure()
+        self.second_step()
+        return loss

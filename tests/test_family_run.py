@@ -1,0 +1,86 @@
+"""The drift-correcting methods end to end: strategy, wire and the real ClientApp, in process
+(exact resume after kill -9, client state included, is in test_resilience.py).
+
+The exact client and server rules are checked in ``test_family_client.py`` and
+``test_family_server.py``; here the spec's equivalences (algorithms-family.md) check that what the
+server sends is what the clients apply, on the synthetic CIFAR-10, through ``run_experiment``:
+
+- FedCM with α = 1 ≡ FedAvg, bit for bit (2);
+- FedProx with μ = 0 ≡ FedAvg, bit for bit (1);
+- SCAFFOLD's round 1 ≡ FedAvg's round 1, bit for bit, and its later rounds differ (3);
+- FedGAMMA with ρ → 0 ≡ SCAFFOLD, FedSpeed and FedSMOO with ρ → 0 ≡ FedDyn (6, 7, 8): ρ = 1e-30
+  moves no weight by a representable amount, so the two runs agree to float32 rounding;
+- every method records client drift, top-5 accuracy, and its correction's norm where it has one;
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from simulations import config as configuration
+from tests.inprocess import run_inprocess
+
+BASE = dict(num_clients=3, clients_per_round=2, rounds=3, device="cpu", batch_size=50, lr=0.05,
+            weight_decay=1e-3, grad_clip=10.0, checkpoint_every=1)
+
+
+def _run(cifar10_dir, out, **changes):
+    values = {"data_dir": str(cifar10_dir), "out": str(out), **BASE, **changes}
+    cfg = configuration.apply(configuration.ExperimentConfig(), values, "test").resolved()
+    configuration.validate(cfg)
+    run_inprocess(cfg)
+    return out
+
+
+def _records(out):
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _model(out):
+    return torch.load(out / "model.pt")
+
+
+def _same_model(a, b, tol=None):
+    ma, mb = _model(a), _model(b)
+    for k in ma:
+        if tol is None:
+            assert torch.equal(ma[k], mb[k]), k
+        else:
+            torch.testing.assert_close(ma[k], mb[k], rtol=tol, atol=tol)
+
+
+@pytest.fixture(scope="module")
+def fedavg(cifar10_dir, tmp_path_factory):
+    return _run(cifar10_dir, tmp_path_factory.mktemp("fedavg") / "run", strategy="fedavg")
+
+
+def test_fedcm_with_alpha_one_and_fedprox_with_mu_zero_are_fedavg(cifar10_dir, tmp_path, fedavg):
+    for name, changes in (("fedcm", dict(strategy="fedcm", momentum_alpha=1.0)),
+                          ("fedprox", dict(strategy="fedprox", prox_mu=0.0))):
+        out = _run(cifar10_dir, tmp_path / name, **changes)
+        _same_model(out, fedavg)
+        ours, theirs = _records(out), _records(fedavg)
+        assert [r["test_accuracy"] for r in ours] == [r["test_accuracy"] for r in theirs]
+
+
+def test_scaffold_round_one_is_fedavg_and_later_rounds_are_corrected(cifar10_dir, tmp_path, fedavg):
+    out = _run(cifar10_dir, tmp_path / "scaffold", strategy="scaffold")
+    ours, theirs = _records(out), _records(fedavg)
+    assert ours[0]["test_loss"] == theirs[0]["test_loss"] and ours[0]["train_loss"] == theirs[0]["train_loss"]
+    assert ours[2]["test_loss"] != theirs[2]["test_loss"]
+    assert all(r["correction_norm"] > 0 for r in ours)
+    assert all(r["client_drift"] > 0 and 0 <= r["test_top5_accuracy"] <= 1 for r in ours)
+    assert all(r["test_top5_accuracy"] >= r["test_accuracy"] for r in ours)
+
+
+@pytest.mark.parametrize("sam,plain", [("fedgamma", "scaffold"), ("fedspeed", "feddyn"), ("fedsmoo", "feddyn")])
+def test_sam_variants_with_a_vanishing_radius_are_their_base_methods(cifar10_dir, tmp_path, sam, plain):
+    a = _run(cifar10_dir, tmp_path / sam, strategy=sam, rho=1e-30, rounds=2)  # round 2 carries the corrections
+    b = _run(cifar10_dir, tmp_path / plain, strategy=plain, rounds=2)
+    _same_model(a, b, tol=1e-5)
+    for x, y in zip(_records(a), _records(b)):
+        assert x["test_loss"] == pytest.approx(y["test_loss"], rel=1e-5)
