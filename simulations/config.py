@@ -391,10 +391,15 @@ def write_json(cfg: ExperimentConfig, path: Path, extra: dict[str, Any] | None =
 
 def run_command(values: dict[str, Any]) -> list[str]:
     """The ``fedsam run`` argv for these settings (field names or flag names; ``None`` left out,
-    booleans as ``--x`` / ``--no-x``): the one place a run's command line is built."""
+    booleans as ``--x`` / ``--no-x``, and a method's settings left out when ``values`` names
+    another strategy, which would refuse them): the one place a run's command line is built."""
     argv = [sys.executable, "-m", "simulations", "run"]
+    fields = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+    strategy = values.get("strategy")
     for name, value in values.items():
-        if value is None:
+        f = fields.get(str(name).replace("-", "_"))
+        takers = f.metadata.get("methods") if f is not None else None
+        if value is None or (strategy is not None and takers is not None and strategy not in takers):
             continue
         flag = "--" + str(name).replace("_", "-")
         if isinstance(value, bool):
