@@ -29,7 +29,7 @@ from fedsam import wire
 from fedsam.cohort import train_cohort, use_batched
 from fedsam.data import DeviceBatches, PartitionSpec, load, make_partition
 from fedsam.models import build_model
-from fedsam.optim import BUILTIN, DualSAM, build, restart
+from fedsam.optim import BUILTIN, DualSAM, asam_param_groups, build, restart
 from fedsam.runtime import autocast_dtype, memory_format, resolve_device, round_seed, use_cuda_graphs
 from fedsam.train import LocalResult, train_locally
 
@@ -75,15 +75,16 @@ OPTIMIZER_CACHE = 8
 def local_optimizer(model: torch.nn.Module, spec: str, options: dict) -> torch.optim.Optimizer:
     """A fresh-acting optimizer for this round. The built-ins are kept per worker process and
     ``restart``-ed (momentum zeroed in place, the round's lr set); custom specs are built anew."""
+    params = asam_param_groups(model, options["asam_scope"]) if spec == "asam" else model.parameters()
     if spec not in BUILTIN:
-        return build(spec, model.parameters(), **options)
+        return build(spec, params, **options)
     fixed = tuple(sorted((k, v) for k, v in options.items() if k not in ("lr", "partition_id", "server_round")))
     key = (id(model), spec, fixed)
     kept = _optimizers.get(key)
     if kept is not None and kept[0] is model:  # the same model object, not a new one at a reused id
         restart(kept[1], float(options["lr"]))
         return kept[1]
-    optimizer = build(spec, model.parameters(), **options)
+    optimizer = build(spec, params, **options)
     if len(_optimizers) >= OPTIMIZER_CACHE:
         _optimizers.pop(next(iter(_optimizers)))
     _optimizers[key] = (model, optimizer)
@@ -172,11 +173,14 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
     data = device_data(dataset, data_dir, str(device))
     parts = client_indices(dataset, data_dir, partition_spec(config), str(device))
     model = cached_model(str(config["model"]), data.num_classes, str(config.get("norm", "group")), str(device))
-    start = content["arrays"].to_torch_state_dict()
+    shared_start = content["arrays"].to_torch_state_dict()
+    own = {pid: record.to_torch_state_dict() for pid in partition_ids
+           if (record := content.get(f"arrays.{pid}")) is not None}  # relaxed initialisation's w_{i,0}
+    starts = {pid: own.get(pid, shared_start) for pid in partition_ids}
     spec, epochs = str(config["optimizer"]), int(config["local-epochs"])
     momentum = on_device(content.get(wire.MOMENTUM), device)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
-    corrections = {pid: round_correction(content, pid, start, names, device) for pid in partition_ids}
+    corrections = {pid: round_correction(content, pid, starts[pid], names, device) for pid in partition_ids}
     shift = on_device(content.get(wire.GLOBAL_PERTURBATION), device)
     seeds = {pid: round_seed(int(config["seed"]), int(config["server-round"]), pid) for pid in partition_ids}
     graph_setting = str(config.get("cuda-graphs", "auto"))  # a plug-in's Python state would freeze in a graph
@@ -197,9 +201,9 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
         if not 0 <= pid < num_clients:
             raise ValueError(f"partition id {pid} is outside 0..{num_clients - 1}")
     vectorize = str(config.get("vectorize", "auto"))
-    if use_batched(vectorize, spec, model, device, len(partition_ids)):
+    if not own and use_batched(vectorize, spec, model, device, len(partition_ids)):  # one start for all
         try:
-            model.load_state_dict(start)
+            model.load_state_dict(shared_start)
             trained = train_cohort(model, spec, wire.optimizer_options(config, partition_ids[0]),
                                    [batches(pid) for pid in partition_ids], epochs,
                                    corrections=[corrections[pid] for pid in partition_ids], **knobs)
@@ -215,7 +219,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
     for pid in partition_ids:
         try:
             torch.manual_seed(seeds[pid])
-            model.load_state_dict(start)
+            model.load_state_dict(starts[pid])
             optimizer = local_optimizer(model, spec, wire.optimizer_options(config, pid))
             dual = wire.client_record(content, wire.DUAL, pid)
             if isinstance(optimizer, DualSAM):  # FedSMOO: this client's u_i and the server's s, every round

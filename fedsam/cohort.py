@@ -38,7 +38,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from fedsam.data.batches import DeviceBatches, crop_and_flip, to_device
 from fedsam.graphs import GraphedStep
-from fedsam.optim import BUILTIN
+from fedsam.optim import BUILTIN, asam_scaled
 from fedsam.optim.fgsm import l2_equivalent_rho
 from fedsam.train import LocalResult
 
@@ -235,7 +235,8 @@ def train_cohort(
     data = CohortBatches(clients)
     device = data.device
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    weights_nd = {n: p.ndim > 1 for n, p in model.named_parameters()}
+    scope = options.get("asam_scope") or "matrices"  # as SAM(model.parameters(), adaptive=True) scales
+    weights_nd = {n: asam_scaled(n, p, scope) for n, p in model.named_parameters()}  # ASAM's scaled tensors
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
     buffers = dict(model.named_buffers())
     params = {n: p.detach().unsqueeze(0).repeat(num, *[1] * p.ndim) for n, p in model.named_parameters()

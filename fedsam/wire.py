@@ -11,7 +11,8 @@ model's parameters:
 - ``momentum``: FedCM's and MoFedSAM's ``m_t``, the same for every client;
 - ``correction``: the round's constant term ``b`` (SCAFFOLD's ``c − c_i``, FedDyn's ``λ·h_i``);
 - ``global-perturbation``: FedSMOO's ``s``;
-- ``dual``: FedSMOO's client dual ``u_i``, sent down and returned up.
+- ``dual``: FedSMOO's client dual ``u_i``, sent down and returned up;
+- ``arrays.PID``: the point a client starts from when it is not ``w_t`` (relaxed initialisation).
 
 A record that differs per client is named ``NAME.PID`` (``correction.7``); one without the suffix
 is shared by every client of the message (``client_record`` looks for both).
@@ -48,7 +49,7 @@ TRAIN_CONFIG_KEYS = frozenset({
     "model", "norm", "optimizer", "rho", "eta", "fgsm-steps", "ascent-momentum", "local-epochs",
     "batch-size", "lr", "weight-decay", "momentum", "grad-clip", "device", "precision", "vectorize",
     "cuda-graphs", "server-round", "momentum-alpha", "partition-ids", "extra-weight-decay", "anchor-pull",
-    "direction-decay",
+    "direction-decay", "asam-scope",
 })
 
 # The records a train message may carry beside "arrays" and "config", and a reply beside "arrays"
@@ -84,6 +85,7 @@ def optimizer_options(config: ConfigRecord, partition_id: int) -> dict:
         "eta": config.get("eta"),
         "steps": config.get("fgsm-steps"),
         "ascent_momentum": config.get("ascent-momentum"),
+        "asam_scope": str(config.get("asam-scope", "reference")),  # the reference code's choice
     }
 
 

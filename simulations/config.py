@@ -19,7 +19,7 @@ from typing import Any
 
 from fedsam.data import DATASETS, SCHEMES, PartitionSpec
 from fedsam.models import MODELS
-from fedsam.optim import FEDERATED_RHO
+from fedsam.optim import ASAM_SCOPES, FEDERATED_RHO
 from simulations.presets import PRESETS
 from strategies.fedadam import FEDADAM_SERVER_LR
 from strategies.feddyn import DYN_LAMBDA
@@ -100,6 +100,9 @@ class ExperimentConfig:
     step_normaliser: str = _f("steps", "K in SCAFFOLD's c_i and FedCM's m: each client's own steps (steps) or "
                               "FL-Simulator's E·n_0/b for all (fl-simulator)", ("steps", "fl-simulator"),
                               methods=("fedcm", "mofedsam", "scaffold", "fedgamma"))
+    relaxed_init: float = _f(0.0, "relaxed initialisation β_RI: a client starts from w + β(w - its last model) "
+                             "(FL-Simulator's --use-RI; 0 = off)",
+                             methods=tuple(m for m in DEFAULT_OPTIMIZER if m != "fedavgm"))
     prox_mu: float = _f(PROX_MU, "FedProx's proximal weight μ", methods=("fedprox",))
     prox_clip: str = _f("reference", "where FedProx's pull is clipped: FL-Simulator's -μ·w_0 in the clipped "
                         "direction and +μ·w as weight decay (reference), or μ(w - w_0) clipped whole (paper)",
@@ -117,6 +120,8 @@ class ExperimentConfig:
                                "dual-sam for fedsmoo, sgd otherwise)")
     rho: float | None = _f(None, "perturbation radius (default: the optimizer's own)")
     eta: float | None = _f(None, "ASAM's η (default: the optimizer's own)")
+    asam_scope: str = _f("reference", "the tensors ASAM scales: every weight, normalization weights included, as "
+                         "the reference code (reference), or weight matrices only (matrices)", ASAM_SCOPES)
     fgsm_steps: int = _f(1, "ascent steps k of fgsm-sam")
     ascent_momentum: float = _f(0.0, "MI-FGSM momentum μ of fgsm-sam")
     local_epochs: int = _f(1, "local epochs per round")
@@ -324,6 +329,7 @@ def validate(cfg: ExperimentConfig) -> None:
     need(0 <= finite("server_momentum") < 1, f"server-momentum must be in [0, 1), got {cfg.server_momentum}")
     need(0 < finite("momentum_alpha") <= 1, f"momentum-alpha must be in (0, 1], got {cfg.momentum_alpha}")
     need(finite("prox_mu") >= 0, f"prox-mu must be >= 0, got {cfg.prox_mu}")
+    need(finite("relaxed_init") >= 0, f"relaxed-init must be >= 0 (0 = off), got {cfg.relaxed_init}")
     need(finite("dyn_lambda") >= 0, f"dyn-lambda must be >= 0, got {cfg.dyn_lambda}")
     for name in ("adam_beta1", "adam_beta2"):
         need(0 <= finite(name) < 1, f"{key(name)} must be in [0, 1), got {getattr(cfg, name)}")

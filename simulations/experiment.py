@@ -97,6 +97,7 @@ def client_config(cfg: ExperimentConfig) -> ConfigRecord:
         "ascent-momentum": cfg.ascent_momentum, "local-epochs": cfg.local_epochs, "batch-size": cfg.batch_size,
         "lr": cfg.lr, "weight-decay": cfg.weight_decay, "momentum": cfg.momentum, "grad-clip": cfg.grad_clip,
         "device": cfg.device, "precision": cfg.precision, "vectorize": cfg.vectorize, "cuda-graphs": cfg.cuda_graphs,
+        "asam-scope": cfg.asam_scope,
     }
     for name, value in (("rho", cfg.rho), ("eta", cfg.eta)):
         if value is not None:
@@ -139,6 +140,8 @@ def build_strategy(cfg: ExperimentConfig, parameter_keys: list[str], workers: in
             raise ValueError("the fl-simulator step normaliser needs the partition (client 0's size)")
         fixed_steps = fl_simulator_steps(cfg, partition)
     name = cfg.strategy
+    if name != "fedavgm":
+        common["relaxed_init"] = cfg.relaxed_init
     if name in configuration.FEDDYN_FAMILY:
         dyn = dict(lam=cfg.dyn_lambda, parameter_keys=parameter_keys, **common)
         return {"feddyn": FedDyn, "fedspeed": FedSpeed, "fedsmoo": FedSMOO}[name](*clients, **dyn)

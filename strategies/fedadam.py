@@ -32,7 +32,7 @@ class FedAdam(FedAvg):
 
     Parameters
     ----------
-    num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers
+    num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers, relaxed_init
         As in ``FedAvg``.
     server_lr : float (default: 0.1)
         ``η_g``; FL-Simulator uses 0.1 or 0.05 (1.0, plain averaging's value, diverges here).
@@ -46,10 +46,10 @@ class FedAdam(FedAvg):
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
                  server_lr: float = FEDADAM_SERVER_LR, lr_decay: float = 1.0, query_timeout: float = 600.0,
-                 workers: int | None = None, beta1: float = 0.9, beta2: float = 0.99, tau: float = 0.01,
+                 workers: int | None = None, relaxed_init: float = 0.0, beta1: float = 0.9, beta2: float = 0.99, tau: float = 0.01,
                  v0: str = "zero") -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, server_lr=server_lr,
-                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers)
+                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init)
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
             if not 0 <= beta < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {beta}")
@@ -62,9 +62,11 @@ class FedAdam(FedAvg):
         self.second_moment: vectors.Vector | None = None  # v
 
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"m": vectors.vector_state(self.first_moment), "v": vectors.vector_state(self.second_moment)}
+        return {**super().checkpoint_state(), "m": vectors.vector_state(self.first_moment),
+                "v": vectors.vector_state(self.second_moment)}
 
     def restore_state(self, state: dict[str, Any]) -> None:
+        super().restore_state(state)
         self.first_moment = vectors.vector_from_state(state.get("m"))
         self.second_moment = vectors.vector_from_state(state.get("v"))
 

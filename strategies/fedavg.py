@@ -67,9 +67,16 @@ class SeededRounds:
     """
 
     def _init_rounds(self, num_clients: int, clients_per_round: int, seed: int, sampling: str,
-                     lr_decay: float, query_timeout: float, workers: int | None = None) -> None:
+                     lr_decay: float, query_timeout: float, workers: int | None = None,
+                     relaxed_init: float = 0.0) -> None:
         if not 0 < lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
+        if not (relaxed_init >= 0 and math.isfinite(relaxed_init)):
+            raise ValueError(f"relaxed_init must be >= 0, got {relaxed_init}")
+        self.relaxed_init = relaxed_init
+        self.last_models = vectors.ClientStates()  # w_i^last, kept only with relaxed initialisation
+        self.first_model: vectors.Vector | None = None  # w_0, the start of a client's first round after round 1
+        self.starts: dict[int, vectors.Vector] = {}  # w_{i,0} of this round's relaxed clients
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
@@ -86,11 +93,27 @@ class SeededRounds:
 
     def checkpoint_state(self) -> dict[str, Any]:
         """What must survive a restart besides the global model (sampling and the lr schedule are
-        functions of the seed and the round, and node ids are asked for again)."""
-        return {}
+        functions of the seed and the round, and node ids are asked for again): here, with relaxed
+        initialisation, each client's last model and ``w_0``; a subclass adds its own state."""
+        if not self.relaxed_init:
+            return {}
+        return {"last_models": self.last_models.state(), "first_model": vectors.vector_state(self.first_model)}
 
     def restore_state(self, state: dict[str, Any]) -> None:
         """Inverse of ``checkpoint_state``."""
+        self.last_models.restore(state.get("last_models", {}))
+        self.first_model = vectors.vector_from_state(state.get("first_model"))
+
+    def relaxed_start(self, partition_id: int) -> vectors.Vector | None:
+        """Relaxed initialisation (FL-Simulator's ``--use-RI``): client ``i`` starts from
+        ``w_t + β·(w_t − w_i^last)``, with ``w_i^last = w_0`` before its first round; ``None`` (start
+        at ``w_t``) when ``β = 0`` or in round 1, where ``w_t = w_0``."""
+        assert self.current_arrays is not None
+        if not self.relaxed_init or self.first_model is None:
+            return None
+        now = vectors.floats(self.current_arrays)
+        last = self.last_models.get(partition_id, now) if self.last_models.has(partition_id) else self.first_model
+        return {k: now[k] + self.relaxed_init * (now[k] - last[k]) for k in now}
 
     def local_lr(self, server_round: int, lr: float) -> float:
         return lr * self.lr_decay ** (server_round - 1)
@@ -126,7 +149,15 @@ class SeededRounds:
     def _with_client_records(self, content: RecordDict, server_round: int, cohort: list[int]) -> RecordDict:
         out = RecordDict(dict(content.items()))
         for pid in cohort:
-            for name, record in self.client_records(server_round, pid).items():
+            records = dict(self.client_records(server_round, pid))
+            start = self.starts.get(pid)
+            if start is not None:
+                assert self.current_arrays is not None
+                records["arrays"] = vectors.to_record(start, self.current_arrays)
+                for k in self.current_arrays.keys():  # counters such as BatchNorm's num_batches_tracked
+                    if k not in records["arrays"]:
+                        records["arrays"][k] = self.current_arrays[k]
+            for name, record in records.items():
                 out[f"{name}.{pid}"] = record
         return out
 
@@ -135,8 +166,11 @@ class SeededRounds:
         """One message per sampled client; with ``workers``, one per cohort of clients (``fedsam.wire``)."""
         self.current_arrays = arrays
         node_of = self._nodes(grid)
-        content = self.round_content(server_round, arrays, config)
         sampled = self.sampler.sample(server_round)
+        self.starts = {pid: start for pid in sampled if (start := self.relaxed_start(pid)) is not None}
+        if self.relaxed_init and self.first_model is None:  # round 1 starts at w_t = w_0; later ones may not
+            self.first_model = vectors.floats(arrays)
+        content = self.round_content(server_round, arrays, config)
         if self.workers is None:
             self.sent = {node_of[pid]: [pid] for pid in sampled}
             return [Message(self._with_client_records(content, server_round, [pid]), dst_node_id=node_of[pid],
@@ -194,15 +228,20 @@ class SeededRounds:
         return usable
 
     def client_updates(self, usable: list[tuple[int, Message]]) -> list[ClientUpdate]:
-        """Each usable client's ``Δ_i = w_i − w_t`` over the model's floating-point arrays, in float64."""
+        """Each usable client's ``Δ_i = w_i − w_{i,0}`` over the model's floating-point arrays, in
+        float64 (``w_{i,0} = w_t`` unless relaxed initialisation moved it). With relaxed
+        initialisation each client's ``w_i`` is kept as its next round's ``w_i^last``."""
         assert self.current_arrays is not None
-        start = vectors.floats(self.current_arrays)
+        global_start = vectors.floats(self.current_arrays)
         out = []
         for pid, reply in usable:
             metrics = next(iter(reply.content.metric_records.values()))
             final = vectors.floats(reply.content["arrays"])
+            start = self.starts.get(pid, global_start)
             out.append(ClientUpdate(pid, float(metrics["num-examples"]), float(metrics["num-steps"]),
                                     {k: final[k] - start[k] for k in start}, reply))
+            if self.relaxed_init:
+                self.last_models.set(pid, final, self.current_arrays)
         return out
 
     def round_diagnostics(self, updates: list[ClientUpdate]) -> dict[str, float]:
@@ -269,13 +308,14 @@ class FedAvg(SeededRounds, FlowerFedAvg):
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
                  server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, relaxed_init: float = 0.0) -> None:
         if not (server_lr > 0 and math.isfinite(server_lr)):
             raise ValueError(f"server_lr must be > 0, got {server_lr}")
         super().__init__(fraction_train=clients_per_round / num_clients, fraction_evaluate=0.0,
                          min_train_nodes=1, min_evaluate_nodes=0, min_available_nodes=num_clients,
                          train_metrics_aggr_fn=aggregate_train_metrics)
-        self._init_rounds(num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers)
+        self._init_rounds(num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers,
+                          relaxed_init)
         self.server_lr = server_lr
 
     def summary(self) -> None:
@@ -305,4 +345,10 @@ class FedAvg(SeededRounds, FlowerFedAvg):
         averaged, metrics = FlowerFedAvg.aggregate_train(self, server_round, [u.reply for u in updates])
         if averaged is None:
             return None, metrics
+        if self.starts:  # clients started apart (relaxed initialisation): step from w_t by the mean Δ_i
+            assert self.current_arrays is not None
+            mean = vectors.weighted_mean([u.delta for u in updates], [u.num_examples for u in updates])
+            stepped = vectors.add(vectors.floats(self.current_arrays), mean, self.server_lr)
+            return ArrayRecord({k: vectors.to_record({k: stepped[k]}, self.current_arrays)[k] if k in stepped
+                                else averaged[k] for k in self.current_arrays.keys()}), metrics
         return self.apply_server_lr(self.server_lr, averaged), metrics

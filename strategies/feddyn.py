@@ -42,7 +42,7 @@ class FedDyn(FedAvg):
 
     Parameters
     ----------
-    num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers
+    num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers, relaxed_init
         As in ``FedAvg``. There is no server lr: the server step is fixed by the method.
     lam : float (default: 0.1)
         The regulariser's weight ``λ`` (the paper's ``α``); ``>= 0``, and ``0`` is FedAvg with
@@ -52,10 +52,10 @@ class FedDyn(FedAvg):
     """
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
-                 lr_decay: float = 1.0, query_timeout: float = 600.0, workers: int | None = None,
+                 lr_decay: float = 1.0, query_timeout: float = 600.0, workers: int | None = None, relaxed_init: float = 0.0,
                  lam: float = DYN_LAMBDA, parameter_keys: list[str] | None = None) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, lr_decay=lr_decay,
-                         query_timeout=query_timeout, workers=workers)
+                         query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init)
         if not (lam >= 0 and np.isfinite(lam)):
             raise ValueError(f"lam must be >= 0, got {lam}")
         self.lam = lam
@@ -64,9 +64,11 @@ class FedDyn(FedAvg):
         self.mean_drift: vectors.Vector | None = None  # h̄ = mean_N(h_j), float64; None means zero
 
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"h": self.drift.state(), "h_mean": vectors.vector_state(self.mean_drift)}
+        return {**super().checkpoint_state(), "h": self.drift.state(),
+                "h_mean": vectors.vector_state(self.mean_drift)}
 
     def restore_state(self, state: dict[str, Any]) -> None:
+        super().restore_state(state)
         self.drift.restore(state.get("h", {}))
         self.mean_drift = vectors.vector_from_state(state.get("h_mean"))
 
@@ -95,10 +97,12 @@ class FedDyn(FedAvg):
             self.drift.set(u.partition_id, vectors.add(self.drift.get(u.partition_id, like), own), self.current_arrays)
             mean_drift = vectors.add(mean_drift, own, 1.0 / self.sampler.num_clients)
         self.mean_drift = mean_drift
-        step = vectors.mean([u.delta for u in updates])  # mean_S(w_i) − w_t
+        global_start = vectors.floats(self.current_arrays)
+        finals = [vectors.add(self.starts.get(u.partition_id, global_start), u.delta) for u in updates]
+        step = vectors.sub(vectors.mean(finals), global_start)  # mean_S(w_i) − w_t, each w_i from its own start
         for k, v in mean_drift.items():
             step[k] = step[k] + v
-        new = vectors.to_record(vectors.add(vectors.floats(self.current_arrays), step), self.current_arrays)
+        new = vectors.to_record(vectors.add(global_start, step), self.current_arrays)
         first = updates[0].reply.content["arrays"]
         for k in self.current_arrays.keys():  # counters such as BatchNorm's num_batches_tracked
             if k not in new:
@@ -116,18 +120,19 @@ class FedSpeed(ClientDefaults, FedDyn):
 
     Parameters
     ----------
-    num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers, lam, parameter_keys
+    num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers, relaxed_init, lam,
+    parameter_keys
         As in ``FedDyn``.
     client_optimizer, rho
         The optimizer spec and radius sent when the train config names no optimizer.
     """
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
-                 lr_decay: float = 1.0, query_timeout: float = 600.0, workers: int | None = None,
+                 lr_decay: float = 1.0, query_timeout: float = 600.0, workers: int | None = None, relaxed_init: float = 0.0,
                  lam: float = DYN_LAMBDA, parameter_keys: list[str] | None = None, client_optimizer: str = "sam",
                  rho: float = FEDERATED_RHO) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, lr_decay=lr_decay,
-                         query_timeout=query_timeout, workers=workers, lam=lam, parameter_keys=parameter_keys)
+                         query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init, lam=lam, parameter_keys=parameter_keys)
         self.client_optimizer, self.rho = client_optimizer, rho
 
 
@@ -136,7 +141,8 @@ class FedSMOO(FedDyn):
 
     Parameters
     ----------
-    num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers, lam, parameter_keys
+    num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers, relaxed_init, lam,
+    parameter_keys
         As in ``FedDyn``.
     rho : float (default: 0.1)
         The clients' radius, sent with ``optimizer = "dual-sam"``, and the norm of ``s``; a train
@@ -144,10 +150,10 @@ class FedSMOO(FedDyn):
     """
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
-                 lr_decay: float = 1.0, query_timeout: float = 600.0, workers: int | None = None,
+                 lr_decay: float = 1.0, query_timeout: float = 600.0, workers: int | None = None, relaxed_init: float = 0.0,
                  lam: float = DYN_LAMBDA, parameter_keys: list[str] | None = None, rho: float = FEDERATED_RHO) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, lr_decay=lr_decay,
-                         query_timeout=query_timeout, workers=workers, lam=lam, parameter_keys=parameter_keys)
+                         query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init, lam=lam, parameter_keys=parameter_keys)
         if not (rho >= 0 and np.isfinite(rho)):
             raise ValueError(f"rho must be >= 0, got {rho}")
         self.rho = rho

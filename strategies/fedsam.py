@@ -35,7 +35,7 @@ class FedSAM(ClientDefaults, FedAvg):
 
     Parameters
     ----------
-    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers
+    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers, relaxed_init
         As in ``FedAvg``.
     client_optimizer : str (default: "sam")
         The optimizer spec sent to clients when the train config names none.
@@ -45,7 +45,7 @@ class FedSAM(ClientDefaults, FedAvg):
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
                  server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0,
-                 workers: int | None = None, client_optimizer: str = "sam", rho: float = FEDERATED_RHO) -> None:
+                 workers: int | None = None, relaxed_init: float = 0.0, client_optimizer: str = "sam", rho: float = FEDERATED_RHO) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, server_lr=server_lr,
-                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers)
+                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init)
         self.client_optimizer, self.rho = client_optimizer, rho

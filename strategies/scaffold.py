@@ -35,7 +35,7 @@ class Scaffold(FedAvg):
 
     Parameters
     ----------
-    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers
+    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers, relaxed_init
         As in ``FedAvg``.
     parameter_keys : list[str] | None (default: None)
         The trainable parameters (the control variates cover only these); ``None`` means every
@@ -47,10 +47,10 @@ class Scaffold(FedAvg):
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
                  server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0,
-                 workers: int | None = None, parameter_keys: list[str] | None = None,
+                 workers: int | None = None, relaxed_init: float = 0.0, parameter_keys: list[str] | None = None,
                  fixed_steps: float | None = None) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, server_lr=server_lr,
-                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers)
+                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init)
         if fixed_steps is not None and not fixed_steps > 0:
             raise ValueError(f"fixed_steps must be > 0, got {fixed_steps}")
         self.parameter_keys = parameter_keys
@@ -59,9 +59,11 @@ class Scaffold(FedAvg):
         self.client_controls = vectors.ClientStates()  # c_i
 
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"control": vectors.vector_state(self.control), "client_controls": self.client_controls.state()}
+        return {**super().checkpoint_state(), "control": vectors.vector_state(self.control),
+                "client_controls": self.client_controls.state()}
 
     def restore_state(self, state: dict[str, Any]) -> None:
+        super().restore_state(state)
         self.control = vectors.vector_from_state(state.get("control"))
         self.client_controls.restore(state.get("client_controls", {}))
 
@@ -107,7 +109,7 @@ class FedGAMMA(ClientDefaults, Scaffold):
 
     Parameters
     ----------
-    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers
+    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers, relaxed_init
         As in ``FedAvg``.
     parameter_keys, fixed_steps
         As in ``Scaffold``.
@@ -117,10 +119,10 @@ class FedGAMMA(ClientDefaults, Scaffold):
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
                  server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0,
-                 workers: int | None = None, parameter_keys: list[str] | None = None,
+                 workers: int | None = None, relaxed_init: float = 0.0, parameter_keys: list[str] | None = None,
                  fixed_steps: float | None = None, client_optimizer: str = "sam", rho: float = FEDGAMMA_RHO) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, server_lr=server_lr,
-                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers,
+                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init,
                          parameter_keys=parameter_keys, fixed_steps=fixed_steps)
         self.client_optimizer, self.rho = client_optimizer, rho
 

@@ -212,3 +212,20 @@ def test_what_cannot_batch_says_why():
         train_cohort(Small(), "dual-sam", {"lr": 0.1}, [_batches(0, 8)], 1)
     with pytest.raises(ValueError, match="cannot be batched"):
         train_cohort(bn, "sgd", {"lr": 0.1}, [_batches(0, 8)], 1)
+
+
+@pytest.mark.parametrize("scope", ["reference", "matrices"])
+def test_batched_asam_scales_the_same_tensors_as_the_param_groups(scope):
+    """The reference's ASAM scales GroupNorm weights too; both scopes batch exactly."""
+    from fedsam.optim import asam_param_groups
+
+    torch.manual_seed(5)
+    model = Small().double()
+    options = {"lr": 0.05, "rho": 0.5, "eta": 0.01, "weight_decay": 1e-3, "asam_scope": scope}
+    batched = train_cohort(model, "asam", options, [_batches(i, n) for i, n in enumerate(SIZES)], 2)
+    sequential = []
+    for i, n in enumerate(SIZES):
+        local = copy.deepcopy(model)
+        optimizer = build("asam", asam_param_groups(local, scope), **options)
+        sequential.append((local.state_dict(), train_locally(local, optimizer, _batches(i, n), 2, num_examples=n)))
+    _assert_same(batched, sequential)

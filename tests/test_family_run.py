@@ -7,8 +7,11 @@ server sends is what the clients apply, on the synthetic CIFAR-10, through ``run
 
 - FedCM with α = 1 ≡ FedAvg, bit for bit (2);
 - FedProx with μ = 0 ≡ FedAvg, bit for bit (1);
+- relaxed initialisation: round 1 ≡ FedAvg's, later rounds start apart (0.6; β = 0 sends no start:
+  ``test_family_server.py``);
 - SCAFFOLD's round 1 ≡ FedAvg's round 1, bit for bit, and its later rounds differ (3);
-- FedGAMMA with ρ → 0 ≡ SCAFFOLD, FedSpeed and FedSMOO with ρ → 0 ≡ FedDyn (6, 7, 8): ρ = 1e-30
+- FedGAMMA with ρ → 0 ≡ SCAFFOLD, FedSpeed and FedSMOO with ρ → 0 ≡ FedDyn, MoFedSAM with ρ → 0 ≡
+  FedCM (2, 6, 7, 8): ρ = 1e-30
   moves no weight by a representable amount, so the two runs agree to float32 rounding;
 - every method records client drift, top-5 accuracy, and its correction's norm where it has one;
 """
@@ -77,7 +80,17 @@ def test_scaffold_round_one_is_fedavg_and_later_rounds_are_corrected(cifar10_dir
     assert all(r["test_top5_accuracy"] >= r["test_accuracy"] for r in ours)
 
 
-@pytest.mark.parametrize("sam,plain", [("fedgamma", "scaffold"), ("fedspeed", "feddyn"), ("fedsmoo", "feddyn")])
+def test_relaxed_initialisation_starts_apart_from_round_two_and_zero_is_off(cifar10_dir, tmp_path, fedavg):
+    """0.6: round 1 starts at w_t (= w_0) so it equals FedAvg's; from round 2 on the clients start
+    from w_t + β(w_t − w_i^last) and the run departs from FedAvg."""
+    relaxed = _records(_run(cifar10_dir, tmp_path / "ri", strategy="fedavg", relaxed_init=0.5))
+    plain = _records(fedavg)
+    assert relaxed[0]["test_loss"] == plain[0]["test_loss"]
+    assert relaxed[2]["test_loss"] != plain[2]["test_loss"]
+
+
+@pytest.mark.parametrize("sam,plain", [("fedgamma", "scaffold"), ("fedspeed", "feddyn"), ("fedsmoo", "feddyn"),
+                                      ("mofedsam", "fedcm")])
 def test_sam_variants_with_a_vanishing_radius_are_their_base_methods(cifar10_dir, tmp_path, sam, plain):
     a = _run(cifar10_dir, tmp_path / sam, strategy=sam, rho=1e-30, rounds=2)  # round 2 carries the corrections
     b = _run(cifar10_dir, tmp_path / plain, strategy=plain, rounds=2)

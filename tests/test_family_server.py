@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.clientapp import ClientApp
 
 from fedsam import wire
-from strategies import FedAdam, FedCM, FedDyn, FedProx, FedSMOO, Scaffold
+from strategies import FedAdam, FedAvg, FedCM, FedDyn, FedProx, FedSMOO, Scaffold
 from tests import reference_family as ref
 from tests.inprocess import InProcessGrid
 
@@ -70,7 +70,8 @@ class Scripted:
             raise RuntimeError(f"client {pid} crashed")
         delta = torch.as_tensor(self.rng.normal(size=8))
         self.deltas[pid] = delta
-        w = flat({k: msg.content["arrays"][k].numpy() for k in SHAPES})
+        own = wire.client_record(msg.content, "arrays", pid)  # its relaxed start, or w_t
+        w = flat({k: own[k].numpy() for k in SHAPES})
         content = RecordDict({
             "arrays": ArrayRecord({k: Array(v) for k, v in unflat(w + delta).items()}),
             "metrics": MetricRecord({"num-examples": self.n[pid], "num-steps": self.k[pid], "train-loss": 1.0,
@@ -288,3 +289,39 @@ def torch_roundtrip(state):
     torch.save(state, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("make", [lambda beta: FedAvg(4, 2, seed=3, relaxed_init=beta, server_lr=0.7),
+                                  lambda beta: FedDyn(4, 2, seed=3, relaxed_init=beta)])
+def test_relaxed_initialisation_starts_each_client_from_its_relaxed_point(make):
+    """0.6: ``w_{i,0} = w_t + β(w_t − w_i^last)``, ``w_i^last = w_0`` before a first round; round 1
+    starts at ``w_t``; ``Δ_i`` is taken from the client's own start; β = 0 sends no start at all."""
+    beta, N = 0.3, 4
+    clients = Scripted(N, seed=9)
+    strategy = make(beta)
+    w0, last, table = None, {}, {}
+    for rnd, sampled, before, after, _ in play(strategy, clients, start(), 4):
+        w_t = flat(before)
+        w0 = w_t if w0 is None else w0
+        starts = {}
+        for pid in sampled:
+            sent = record_vector(clients.received[pid], "arrays", pid)
+            if rnd == 1:
+                assert f"arrays.{pid}" not in clients.received[pid]
+                starts[pid] = w_t
+            else:
+                close(sent, w_t + beta * (w_t - last.get(pid, w0)))
+                starts[pid] = sent
+        deltas = [clients.deltas[p] for p in sampled]
+        if isinstance(strategy, FedDyn):
+            finals = [starts[p] + d for p, d in zip(sampled, deltas)]
+            for p, d in zip(sampled, deltas):
+                table[p] = table.get(p, torch.zeros(8, dtype=torch.float64)) + d
+            close(flat(after), sum(finals) / len(finals) + sum(table.values()) / N, 1e-12)
+        else:
+            n = [clients.n[p] for p in sampled]
+            close(flat(after), w_t + 0.7 * ref.weighted_mean(deltas, n), 1e-12)
+        last.update({p: starts[p] + clients.deltas[p] for p in sampled})
+    plain = Scripted(N, seed=9)
+    next(play(make(0.0), plain, start(), 2))
+    assert not any(k.startswith("arrays.") for content in plain.received.values() for k in content.keys())

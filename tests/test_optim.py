@@ -348,3 +348,30 @@ def test_step_without_closure_is_a_clear_error():
     opt = SAM(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match="closure"):
         opt.step()
+
+
+@pytest.mark.parametrize("scope", ["reference", "matrices"])
+def test_asam_param_groups_scale_what_the_scope_names_step_for_step(scope):
+    """``reference``: every tensor named weight (normalization weights too, as the ASAM/FedASAM
+    code), biases not; ``matrices``: ndim > 1 only, the SAM class's own default."""
+    from fedsam.optim import asam_param_groups
+
+    prob = Problem(torch.float64)
+    prob.model = nn.Sequential(nn.Linear(4, 5), nn.GroupNorm(1, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    prob.names = [n for n, _ in prob.model.named_parameters()]
+    prob.shapes = [p.shape for p in prob.model.parameters()]
+    names = [n for n, p in prob.model.named_parameters() for _ in range(p.numel())]
+    dims = [p.ndim for p in prob.model.parameters() for _ in range(p.numel())]
+    mask = torch.tensor([n.endswith("weight") if scope == "reference" else d > 1 for n, d in zip(names, dims)])
+    assert scope == "matrices" or mask.sum() > sum(p.numel() for p in prob.model.parameters() if p.ndim > 1)
+    groups = asam_param_groups(prob.model, scope)
+    opt = SAM(groups, torch.optim.SGD, rho=0.5, adaptive=True, eta=0.01, **SGD_KW)
+    w, base = prob.flat(), ref.SGDRef(**SGD_KW)
+    order = [p for g in groups for p in g["params"]]
+    for _ in range(4):
+        opt.step(prob.closure(opt))
+        g = ref.grad(prob.flat_loss, w)
+        eps = ref.sam_perturbation(g, w, 0.5, adaptive=True, eta=0.01, weight_mask=mask)
+        w = base.step(w, ref.grad(prob.flat_loss, w + eps))
+    assert len(order) == len(list(prob.model.parameters()))
+    torch.testing.assert_close(prob.flat(), w, rtol=1e-10, atol=1e-12)

@@ -6,9 +6,10 @@ from .batchnorm import FirstPassStats, batchnorm_layers, frozen_running_stats
 from .fgsm import FGSMSAM, l2_equivalent_rho
 from .registry import (BUILTIN, FEDERATED_RHO, OptimizerSpecError, build, names, portable_spec, register, resolve,
                        restart, unregister)
-from .sam import SAM
+from .sam import ASAM_SCOPES, SAM, asam_param_groups, asam_scaled
 
 __all__ = [
+    "ASAM_SCOPES",
     "BUILTIN",
     "DualSAM",
     "FEDERATED_RHO",
@@ -17,6 +18,8 @@ __all__ = [
     "OptimizerSpecError",
     "PerturbThenDescend",
     "SAM",
+    "asam_param_groups",
+    "asam_scaled",
     "batchnorm_layers",
     "build",
     "frozen_running_stats",

@@ -23,8 +23,11 @@ class SAM(PerturbThenDescend):
     """Sharpness-aware wrapper around any ``torch.optim`` optimizer; ``adaptive=True`` gives ASAM.
 
     ``rho``, ``adaptive`` and ``eta`` may differ per parameter group; ``‖T g‖₂`` is taken over all
-    parameters together. ASAM's scale ``T = |w| + eta`` applies to weight tensors (``ndim > 1``:
-    convolution and linear weights); biases and normalization parameters keep ``T = 1``.
+    parameters together. ASAM's scale ``T = |w| + eta`` applies, by default, to weight tensors
+    (``ndim > 1``: convolution and linear weights), while biases and normalization parameters keep
+    ``T = 1``. A parameter group with ``"scaled": True`` or ``False`` says it for its tensors
+    instead: ``asam_param_groups`` builds the groups from a model's parameter names, for the
+    reference's choice (every ``weight``, normalization weights included).
 
     ``step(closure)`` runs both passes itself: the closure zeroes the gradients, runs forward and
     backward on the same minibatch, and returns the loss. (davda54/sam's ``step`` expects the
@@ -59,8 +62,10 @@ class SAM(PerturbThenDescend):
             eps = self._buffers(params, "e_w")
             torch._foreach_copy_(eps, [p.grad for p in params])
             weights, scale = [], []
+            scaled = group.get("scaled")
             if group["adaptive"]:
-                weights = [i for i, p in enumerate(params) if p.ndim > 1]
+                weights = [i for i, p in enumerate(params) if (p.ndim > 1 if scaled is None else scaled)]
+            if weights:
                 scale = torch._foreach_abs([params[i] for i in weights])
                 torch._foreach_add_(scale, group["eta"])
                 torch._foreach_mul_([eps[i] for i in weights], scale)  # e_w = T g
@@ -87,3 +92,24 @@ class SAM(PerturbThenDescend):
         closure()
         self.second_step()
         return loss
+
+
+#: Which tensors ASAM scales by ``|w| + η``: every parameter named ``weight`` (normalization weights
+#: included, biases not), as the ASAM and FedASAM reference code does, or only the weight matrices
+#: and kernels (``ndim > 1``), this package's choice before the reference was checked.
+ASAM_SCOPES = ("reference", "matrices")
+
+
+def asam_scaled(name: str, param: torch.Tensor, scope: str = "reference") -> bool:
+    """Whether ASAM scales this named parameter under ``scope`` (see ``ASAM_SCOPES``)."""
+    if scope not in ASAM_SCOPES:
+        raise ValueError(f"asam scope must be one of {ASAM_SCOPES}, got {scope!r}")
+    return "weight" in name.rsplit(".", 1)[-1] if scope == "reference" else param.ndim > 1
+
+
+def asam_param_groups(model: torch.nn.Module, scope: str = "reference") -> list[dict[str, Any]]:
+    """``model``'s parameters in two groups, scaled by ASAM and not, for ``SAM(adaptive=True)``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if asam_scaled(n, p, scope) == flag], "scaled": flag}
+              for flag in (True, False)]
+    return [g for g in groups if g["params"]]
