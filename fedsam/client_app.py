@@ -29,7 +29,7 @@ from fedsam import wire
 from fedsam.cohort import train_cohort, use_batched
 from fedsam.data import DeviceBatches, PartitionSpec, load, make_partition
 from fedsam.models import build_model
-from fedsam.optim import BUILTIN, DualSAM, asam_param_groups, build, restart
+from fedsam.optim import BUILTIN, DualSAM, FixedPerturbation, SparseSAM, asam_param_groups, build, restart
 from fedsam.runtime import autocast_dtype, memory_format, resolve_device, round_seed, use_cuda_graphs
 from fedsam.train import LocalResult, train_locally
 
@@ -67,6 +67,9 @@ def cached_model(name: str, num_classes: int, norm: str, device: str) -> torch.n
         model = model.to(memory_format=torch.channels_last)  # what cuDNN's fastest convolutions want
     return model
 
+
+#: Built-ins whose step decides on the host (Sparse SAM's schedule and top-k): never a CUDA graph.
+HOST_STEPPED = ("ssam-f", "ssam-d")
 
 _optimizers: dict[tuple, tuple[torch.nn.Module, torch.optim.Optimizer]] = {}
 OPTIMIZER_CACHE = 8
@@ -161,6 +164,36 @@ def round_correction(content: RecordDict, pid: int, start: dict[str, torch.Tenso
     return out
 
 
+SPARSE_EPOCH = "__epoch__"  # beside the mask in Sparse SAM's optimizer-state record
+
+
+def load_sparse_state(optimizer: SparseSAM, model: torch.nn.Module, content: RecordDict, pid: int,
+                      names: list[str], steps_per_epoch: int, singles: DeviceBatches) -> None:
+    """Sparse SAM in a federation (a project choice; the paper has none): the client's own mask
+    and cumulative epoch count from its last round (the mode's initial mask the first time), the
+    round's SSAM-D drop rate ``r₀(1 + cos(π t/T))/2``, and SSAM-F's Fisher examples drawn from
+    the client's own data, one at a time, with its training transforms."""
+    record = wire.client_record(content, wire.OPTIMIZER_STATE, pid)
+    state = None if record is None else record.to_torch_state_dict()
+    optimizer.load_mask(None if state is None else [state[n] for n in names])
+    epoch = 0 if state is None else int(state[SPARSE_EPOCH])
+    server_round = int(content["config"]["server-round"])
+    drop = optimizer.drop_rate_at(server_round - 1) if optimizer.mode == "dynamic" else None
+    optimizer.set_epoch(epoch, steps_per_epoch=steps_per_epoch, drop_rate=drop)
+    stream = iter(())
+
+    def fisher_loss(_: int) -> torch.Tensor:
+        nonlocal stream
+        try:
+            x, y = next(stream)
+        except StopIteration:  # more samples than the client has: another pass, reshuffled
+            stream = iter(singles)
+            x, y = next(stream)
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    optimizer.fisher_loss = fisher_loss
+
+
 def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: str,
                      isolate: bool) -> dict[int, dict[str, ArrayRecord | MetricRecord] | str]:
     """Train each listed partition from the message's global arrays: batched when ``fedsam.cohort``
@@ -184,17 +217,18 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
     shift = on_device(content.get(wire.GLOBAL_PERTURBATION), device)
     seeds = {pid: round_seed(int(config["seed"]), int(config["server-round"]), pid) for pid in partition_ids}
     graph_setting = str(config.get("cuda-graphs", "auto"))  # a plug-in's Python state would freeze in a graph
-    graphs = use_cuda_graphs(graph_setting, device) and (spec in BUILTIN or graph_setting == "on")
+    graphs = (use_cuda_graphs(graph_setting, device) and (spec in BUILTIN or graph_setting == "on")
+              and spec not in HOST_STEPPED)
     knobs = dict(grad_clip=float(config.get("grad-clip", 0.0)), global_momentum=momentum,
                  momentum_alpha=float(config.get("momentum-alpha", 1.0)), cuda_graph=graphs,
                  direction_decay=float(config.get("direction-decay", 0.0)),
                  autocast_dtype=autocast_dtype(str(config.get("precision", "auto")), device))
 
-    def batches(pid: int) -> DeviceBatches:
+    def batches(pid: int, batch_size: int | None = None, seed: int | None = None) -> DeviceBatches:
         idx = parts[pid]
-        return DeviceBatches(data.images[idx], data.labels[idx], int(config["batch-size"]), mean=data.mean,
-                             std=data.std, augment=True, shuffle=True, seed=seeds[pid],
-                             memory_format=memory_format(device))
+        return DeviceBatches(data.images[idx], data.labels[idx], batch_size or int(config["batch-size"]),
+                             mean=data.mean, std=data.std, augment=True, shuffle=True,
+                             seed=seeds[pid] if seed is None else seed, memory_format=memory_format(device))
 
     num_clients = int(config["num-clients"])
     for pid in partition_ids:
@@ -228,12 +262,25 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
                                      None if shift is None else [shift[n] for n in names])
             elif dual is not None or shift is not None:
                 raise ValueError(f"the message carries FedSMOO's duals but optimizer {spec!r} has none (use dual-sam)")
+            if isinstance(optimizer, SparseSAM):
+                load_sparse_state(optimizer, model, content, pid, names, len(batches(pid)),
+                                  batches(pid, batch_size=1, seed=seeds[pid] + 1))
+            perturbation = on_device(wire.client_record(content, wire.PERTURBATION, pid), device)
+            if isinstance(optimizer, FixedPerturbation):  # FedLESAM: this round's ε_i, or none
+                optimizer.load_perturbation(None if perturbation is None else [perturbation[n] for n in names])
+            elif perturbation is not None:
+                raise ValueError(f"the message carries FedLESAM's perturbation but optimizer {spec!r} takes none "
+                                 "(use lesam)")
             result = train_locally(model, optimizer, batches(pid), epochs, num_examples=len(parts[pid]),
                                    correction=corrections[pid], **knobs)
             out[pid] = {"arrays": ArrayRecord(model.state_dict()), "metrics": metric_record(result)}
             if isinstance(optimizer, DualSAM):
                 out[pid][wire.DUAL] = ArrayRecord({n: u.detach().cpu().clone()
                                                    for n, u in zip(names, optimizer.duals())})
+            if isinstance(optimizer, SparseSAM):  # the mask and epoch count, kept for this client's next round
+                state = {n: m.detach().cpu() for n, m in zip(names, optimizer.mask())}
+                state[SPARSE_EPOCH] = torch.tensor(optimizer.epoch)
+                out[pid][wire.OPTIMIZER_STATE] = ArrayRecord(state)
         except Exception as exc:  # noqa: BLE001 - one client's failure, reported for that client
             if not isolate:
                 raise

@@ -12,6 +12,9 @@ model's parameters:
 - ``correction``: the round's constant term ``b`` (SCAFFOLD's ``c − c_i``, FedDyn's ``λ·h_i``);
 - ``global-perturbation``: FedSMOO's ``s``;
 - ``dual``: FedSMOO's client dual ``u_i``, sent down and returned up;
+- ``perturbation``: FedLESAM's fixed ``ε`` (its own ``ε_i``, or the last global change, shared);
+- ``optimizer-state``: what a client's optimizer keeps between its rounds (Sparse SAM's mask and
+  epoch count), returned up and sent back the next time the client is sampled, by any strategy;
 - ``arrays.PID``: the point a client starts from when it is not ``w_t`` (relaxed initialisation).
 
 A record that differs per client is named ``NAME.PID`` (``correction.7``); one without the suffix
@@ -49,7 +52,8 @@ TRAIN_CONFIG_KEYS = frozenset({
     "model", "norm", "optimizer", "rho", "eta", "fgsm-steps", "ascent-momentum", "local-epochs",
     "batch-size", "lr", "weight-decay", "momentum", "grad-clip", "device", "precision", "vectorize",
     "cuda-graphs", "server-round", "momentum-alpha", "partition-ids", "extra-weight-decay", "anchor-pull",
-    "direction-decay", "asam-scope",
+    "direction-decay", "asam-scope", "rounds", "ssam-sparsity", "ssam-update-freq", "ssam-fisher-samples",
+    "ssam-drop-rate",
 })
 
 # The records a train message may carry beside "arrays" and "config", and a reply beside "arrays"
@@ -58,6 +62,8 @@ MOMENTUM = "momentum"
 CORRECTION = "correction"
 GLOBAL_PERTURBATION = "global-perturbation"
 DUAL = "dual"
+PERTURBATION = "perturbation"
+OPTIMIZER_STATE = "optimizer-state"
 
 PARTITION_IDS = "partition-ids"
 COHORT = "cohort"
@@ -86,6 +92,11 @@ def optimizer_options(config: ConfigRecord, partition_id: int) -> dict:
         "steps": config.get("fgsm-steps"),
         "ascent_momentum": config.get("ascent-momentum"),
         "asam_scope": str(config.get("asam-scope", "reference")),  # the reference code's choice
+        "sparsity": config.get("ssam-sparsity"),
+        "update_freq": config.get("ssam-update-freq"),
+        "num_samples": config.get("ssam-fisher-samples"),
+        "drop_rate": config.get("ssam-drop-rate"),
+        "total_epochs": config.get("rounds"),  # SSAM-D's drop rate follows the global round in a federation
     }
 
 

@@ -23,6 +23,7 @@ from fedsam.optim import ASAM_SCOPES, FEDERATED_RHO
 from simulations.presets import PRESETS
 from strategies.fedadam import FEDADAM_SERVER_LR
 from strategies.feddyn import DYN_LAMBDA
+from strategies.fedlesam import LESAM_RHO
 from strategies.fedprox import PROX_MU
 from strategies.scaffold import FEDGAMMA_RHO
 
@@ -36,12 +37,17 @@ DEFAULT_OPTIMIZER = {
     "fedavg": "sgd", "fedsam": "sam", "fedavgm": "sgd", "fedprox": "sgd", "fedadam": "sgd",
     "fedcm": "sgd", "mofedsam": "sam", "scaffold": "sgd", "fedgamma": "sam",
     "feddyn": "sgd", "fedspeed": "sam", "fedsmoo": "dual-sam",
+    "fedlesam": "lesam", "fedlesam-s": "lesam", "fedlesam-d": "lesam",
 }
 STRATEGIES = tuple(DEFAULT_OPTIMIZER)
 
 #: ρ under each SAM strategy when its SAM client is not given one (sam's own default is Foret et al.'s 0.05).
 METHOD_RHO = {"fedsam": FEDERATED_RHO, "mofedsam": FEDERATED_RHO, "fedgamma": FEDGAMMA_RHO,
-              "fedspeed": FEDERATED_RHO, "fedsmoo": FEDERATED_RHO}
+              "fedspeed": FEDERATED_RHO, "fedsmoo": FEDERATED_RHO,
+              "fedlesam": LESAM_RHO, "fedlesam-s": LESAM_RHO, "fedlesam-d": LESAM_RHO}
+
+#: Methods whose client rule is their own optimizer, which no other method sends.
+FIXED_CLIENT = {"fedsmoo": "dual-sam", "fedlesam": "lesam", "fedlesam-s": "lesam", "fedlesam-d": "lesam"}
 
 #: Defaults that differ by method, used when no layer (preset, file, flag) sets the setting.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"fedadam": {"server_lr": FEDADAM_SERVER_LR}}
@@ -51,7 +57,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"fedadam": {"server_lr": FEDADAM_S
 SAM_VARIANT = {"fedcm": "mofedsam", "scaffold": "fedgamma", "feddyn": "fedspeed"}
 SAM_FAMILY = ("sam", "asam", "fgsm-sam", "dual-sam")
 
-FEDDYN_FAMILY = ("feddyn", "fedspeed", "fedsmoo")
+FEDDYN_FAMILY = ("feddyn", "fedspeed", "fedsmoo", "fedlesam-d")  # FedDyn's server: no server lr
+LESAM_FAMILY = ("fedlesam", "fedlesam-s", "fedlesam-d")
 
 
 #: Seeds go on the wire as Flower's signed 64-bit integers and into torch.manual_seed (and seed + 1).
@@ -99,10 +106,20 @@ class ExperimentConfig:
                                 methods=("fedcm", "mofedsam"))
     step_normaliser: str = _f("steps", "K in SCAFFOLD's c_i and FedCM's m: each client's own steps (steps) or "
                               "FL-Simulator's E·n_0/b for all (fl-simulator)", ("steps", "fl-simulator"),
-                              methods=("fedcm", "mofedsam", "scaffold", "fedgamma"))
+                              methods=("fedcm", "mofedsam", "scaffold", "fedgamma", "fedlesam-s"))
+    lesam_source: str = _f("client", "FedLESAM's perturbation: from the global model the client last received "
+                           "(client, the paper) or the last global change (last-round, the reference's intent)",
+                           ("client", "last-round"), methods=LESAM_FAMILY)
+    lesam_correction: float = _f(1.0, "FedLESAM-S's weight λ_c of c - c_i in the step (1 = SCAFFOLD's; the "
+                                 "reference: 0.1)", methods=("fedlesam-s",))
     relaxed_init: float = _f(0.0, "relaxed initialisation β_RI: a client starts from w + β(w - its last model) "
                              "(FL-Simulator's --use-RI; 0 = off)",
                              methods=tuple(m for m in DEFAULT_OPTIMIZER if m != "fedavgm"))
+    swa_start: int = _f(0, "server-side SWA from this round on (1-based): the server averages global models and "
+                        "evaluates the average (0 = off; Caldarola et al.: 75%% of the rounds, +1)")
+    swa_cycle: int = _f(1, "SWA's cycle c: collect a model every c rounds; c > 1 also cycles the clients' lr "
+                        "towards --swa-lr")
+    swa_lr: float = _f(1e-4, "SWA's lowest client lr η_2 (used when --swa-cycle > 1)")
     prox_mu: float = _f(PROX_MU, "FedProx's proximal weight μ", methods=("fedprox",))
     prox_clip: str = _f("reference", "where FedProx's pull is clipped: FL-Simulator's -μ·w_0 in the clipped "
                         "direction and +μ·w as weight decay (reference), or μ(w - w_0) clipped whole (paper)",
@@ -122,6 +139,12 @@ class ExperimentConfig:
     eta: float | None = _f(None, "ASAM's η (default: the optimizer's own)")
     asam_scope: str = _f("reference", "the tensors ASAM scales: every weight, normalization weights included, as "
                          "the reference code (reference), or weight matrices only (matrices)", ASAM_SCOPES)
+    ssam_sparsity: float | None = _f(None, "Sparse SAM's sparsity s, the fraction of entries not perturbed "
+                                     "(default: the optimizer's 0.2)")
+    ssam_update_freq: int | None = _f(None, "Sparse SAM refreshes its mask every this many of a client's epochs "
+                                      "(default: 5)")
+    ssam_fisher_samples: int | None = _f(None, "SSAM-F's examples per Fisher refresh n_F (default: 1024)")
+    ssam_drop_rate: float | None = _f(None, "SSAM-D's initial drop rate r_0 (default: 0.5)")
     fgsm_steps: int = _f(1, "ascent steps k of fgsm-sam")
     ascent_momentum: float = _f(0.0, "MI-FGSM momentum μ of fgsm-sam")
     local_epochs: int = _f(1, "local epochs per round")
@@ -168,7 +191,7 @@ class ExperimentConfig:
         works from any folder (``--resume``, ``fedsam sharpness``) and a sweep finds its runs again."""
         optimizer = self.optimizer or DEFAULT_OPTIMIZER.get(self.strategy, "sgd")  # validate() names a bad strategy
         rho = self.rho
-        if rho is None and optimizer in ("sam", "dual-sam") and self.strategy in METHOD_RHO:
+        if rho is None and optimizer in ("sam", "dual-sam", "lesam") and self.strategy in METHOD_RHO:
             rho = METHOD_RHO[self.strategy]
         data_dir = str(Path(self.data_dir).expanduser().resolve()) if self.data_dir else self.data_dir
         return dataclasses.replace(self, optimizer=optimizer, rho=rho, data_dir=data_dir)
@@ -183,7 +206,8 @@ def key(name: str) -> str:
 
 
 def _field_types() -> dict[str, Any]:
-    hints = {"str": str, "int": int, "float": float, "bool": bool, "str | None": str, "float | None": float}
+    hints = {"str": str, "int": int, "float": float, "bool": bool, "str | None": str, "float | None": float,
+             "int | None": int}
     return {f.name: hints[f.type if isinstance(f.type, str) else f.type.__name__] for f in dataclasses.fields(ExperimentConfig)}
 
 
@@ -291,9 +315,12 @@ def check_methods(strategy: str, values: dict[str, Any], source: str) -> None:
     if optimizer == "sgd" and strategy in plain_of:
         raise ConfigError(f"{source}: {strategy} with an SGD client is {plain_of[strategy]}: "
                           f"use --strategy {plain_of[strategy]}")
-    if (optimizer == "dual-sam") != (strategy == "fedsmoo"):
-        raise ConfigError(f"{source}: dual-sam is FedSMOO's client optimizer, and FedSMOO's clients use only it "
-                          f"(got --strategy {strategy} with --optimizer {optimizer})")
+    for method, client in FIXED_CLIENT.items():
+        if strategy == method and optimizer != client:
+            raise ConfigError(f"{source}: {method}'s clients use only {client} (got --optimizer {optimizer})")
+        if optimizer == client and FIXED_CLIENT.get(strategy) != client:
+            raise ConfigError(f"{source}: {client} is the client optimizer of "
+                              f"{', '.join(m for m, c in FIXED_CLIENT.items() if c == client)}, not of {strategy}")
 
 
 def validate(cfg: ExperimentConfig) -> None:
@@ -329,7 +356,19 @@ def validate(cfg: ExperimentConfig) -> None:
     need(0 <= finite("server_momentum") < 1, f"server-momentum must be in [0, 1), got {cfg.server_momentum}")
     need(0 < finite("momentum_alpha") <= 1, f"momentum-alpha must be in (0, 1], got {cfg.momentum_alpha}")
     need(finite("prox_mu") >= 0, f"prox-mu must be >= 0, got {cfg.prox_mu}")
+    need(cfg.ssam_sparsity is None or 0 <= finite("ssam_sparsity") <= 1,
+         f"ssam-sparsity must be in [0, 1] (the fraction of entries not perturbed), got {cfg.ssam_sparsity}")
+    need(cfg.ssam_drop_rate is None or 0 <= finite("ssam_drop_rate") <= 1,
+         f"ssam-drop-rate must be in [0, 1], got {cfg.ssam_drop_rate}")
+    for name in ("ssam_update_freq", "ssam_fisher_samples"):
+        need(getattr(cfg, name) is None or getattr(cfg, name) >= 1, f"{key(name)} must be >= 1, got {getattr(cfg, name)}")
+    need(finite("lesam_correction") >= 0, f"lesam-correction must be >= 0, got {cfg.lesam_correction}")
     need(finite("relaxed_init") >= 0, f"relaxed-init must be >= 0 (0 = off), got {cfg.relaxed_init}")
+    need(cfg.swa_start >= 0, f"swa-start must be a round >= 1 (0 = off), got {cfg.swa_start}")
+    need(cfg.swa_start <= cfg.rounds, f"swa-start {cfg.swa_start} is after the last round ({cfg.rounds}): SWA would "
+                                      "never begin (0 turns it off)")
+    need(cfg.swa_cycle >= 1, f"swa-cycle must be >= 1, got {cfg.swa_cycle}")
+    need(finite("swa_lr") > 0, f"swa-lr must be > 0, got {cfg.swa_lr}")
     need(finite("dyn_lambda") >= 0, f"dyn-lambda must be >= 0, got {cfg.dyn_lambda}")
     for name in ("adam_beta1", "adam_beta2"):
         need(0 <= finite(name) < 1, f"{key(name)} must be in [0, 1), got {getattr(cfg, name)}")

@@ -30,8 +30,9 @@ from simulations import config as configuration
 from simulations.config import ConfigError, ExperimentConfig
 from simulations import results
 from simulations.results import RunRecorder, holds_a_run
-from strategies import (FedAdam, FedAvg, FedAvgM, FedCM, FedDyn, FedGAMMA, FedProx, FedSAM, FedSMOO, FedSpeed,
-                        MoFedSAM, NodeSetupError, Scaffold)
+from strategies import (FedAdam, FedAvg, FedAvgM, FedCM, FedDyn, FedGAMMA, FedLESAM, FedLESAMD, FedLESAMS,
+                        FedProx, FedSAM, FedSMOO, FedSpeed, MoFedSAM, NodeSetupError, Scaffold)
+from strategies.swa import SWA
 
 EVAL_BATCH = 1000
 
@@ -99,9 +100,14 @@ def client_config(cfg: ExperimentConfig) -> ConfigRecord:
         "device": cfg.device, "precision": cfg.precision, "vectorize": cfg.vectorize, "cuda-graphs": cfg.cuda_graphs,
         "asam-scope": cfg.asam_scope,
     }
-    for name, value in (("rho", cfg.rho), ("eta", cfg.eta)):
+    values["rounds"] = cfg.rounds
+    for name, value in (("rho", cfg.rho), ("eta", cfg.eta), ("ssam-sparsity", cfg.ssam_sparsity),
+                        ("ssam-drop-rate", cfg.ssam_drop_rate)):
         if value is not None:
             values[name] = float(value)
+    for name, value in (("ssam-update-freq", cfg.ssam_update_freq), ("ssam-fisher-samples", cfg.ssam_fisher_samples)):
+        if value is not None:
+            values[name] = int(value)
     return ConfigRecord(values)
 
 
@@ -132,7 +138,8 @@ def fl_simulator_steps(cfg: ExperimentConfig, partition: Partition) -> float:
 def build_strategy(cfg: ExperimentConfig, parameter_keys: list[str], workers: int | None = None,
                    partition: Partition | None = None):
     """The strategy ``cfg.strategy`` names, with the settings it takes (``config``'s ``methods``)."""
-    common = dict(seed=cfg.seed, sampling=cfg.client_sampling, lr_decay=cfg.lr_decay, workers=workers)
+    swa = SWA(cfg.swa_start, cfg.swa_cycle, cfg.swa_lr) if cfg.swa_start else None
+    common = dict(seed=cfg.seed, sampling=cfg.client_sampling, lr_decay=cfg.lr_decay, workers=workers, swa=swa)
     clients = (cfg.num_clients, cfg.clients_per_round)
     fixed_steps = None
     if cfg.step_normaliser == "fl-simulator":
@@ -142,8 +149,11 @@ def build_strategy(cfg: ExperimentConfig, parameter_keys: list[str], workers: in
     name = cfg.strategy
     if name != "fedavgm":
         common["relaxed_init"] = cfg.relaxed_init
+    lesam = dict(rho=cfg.rho, source=cfg.lesam_source.replace("-", "_"))
     if name in configuration.FEDDYN_FAMILY:
         dyn = dict(lam=cfg.dyn_lambda, parameter_keys=parameter_keys, **common)
+        if name == "fedlesam-d":
+            return FedLESAMD(*clients, **lesam, **dyn)
         return {"feddyn": FedDyn, "fedspeed": FedSpeed, "fedsmoo": FedSMOO}[name](*clients, **dyn)
     common["server_lr"] = cfg.server_lr
     if name in ("fedavg", "fedsam"):
@@ -159,6 +169,11 @@ def build_strategy(cfg: ExperimentConfig, parameter_keys: list[str], workers: in
         return (FedCM if name == "fedcm" else MoFedSAM)(
             *clients, alpha=cfg.momentum_alpha, parameter_keys=parameter_keys,
             first_round_alpha=cfg.first_round_alpha, fixed_steps=fixed_steps, **common)
+    if name == "fedlesam":
+        return FedLESAM(*clients, parameter_keys=parameter_keys, **lesam, **common)
+    if name == "fedlesam-s":
+        return FedLESAMS(*clients, parameter_keys=parameter_keys, fixed_steps=fixed_steps,
+                         correction_weight=cfg.lesam_correction, **lesam, **common)
     if name in ("scaffold", "fedgamma"):
         return (Scaffold if name == "scaffold" else FedGAMMA)(*clients, parameter_keys=parameter_keys,
                                                               fixed_steps=fixed_steps, **common)
@@ -343,14 +358,17 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
         for name in ("client-drift", "correction-norm"):  # the strategy's diagnostics of the round, if any
             if name in metrics:
                 record[name.replace("-", "_")] = float(metrics[name])
+        evaluated = strategy.evaluation_arrays(arrays)  # the SWA average once SWA has begun
+        if cfg.swa_start and rnd >= cfg.swa_start:
+            record["swa_models"] = strategy.swa.collected
         if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
-            evaluation = evaluator(arrays)
+            evaluation = evaluator(evaluated)
             record["test_loss"], record["test_accuracy"] = evaluation.loss, evaluation.accuracy
             record["test_top5_accuracy"] = evaluation.top5_accuracy
             if not math.isfinite(record["test_loss"]):
                 raise fail(rnd, f"the global model diverged (test loss {record['test_loss']})")
         if probe is not None and (rnd % cfg.sharpness_every == 0 or rnd == cfg.rounds):
-            record["sharpness"] = probe(arrays)
+            record["sharpness"] = probe(evaluated)
         if failures:
             record["failures"] = failures
         record["seconds"] = time.monotonic() - round_start
@@ -362,4 +380,6 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
         if stopping and rnd < cfg.rounds:
             return {"stopped_after": rnd}
 
-    return recorder.finish(arrays.to_torch_state_dict(), earlier_seconds + time.monotonic() - started)
+    final = strategy.evaluation_arrays(arrays)
+    return recorder.finish(final.to_torch_state_dict(), earlier_seconds + time.monotonic() - started,
+                           global_state=arrays.to_torch_state_dict() if final is not arrays else None)

@@ -45,4 +45,15 @@ PRESETS: dict[str, dict] = {
         "strategy": "fedsam", "optimizer": "sam", "rho": 0.1, "lr": 0.01, "momentum": 0.0,
         "weight-decay": 4e-4, "eval-every": 100,
     },
+    # Caldarola et al.'s FedSAM+SWA: the same, with server-side SWA over the last quarter (the copy
+    # taken before round 7501, i.e. their t_s = 7500 counted from 0), cycles of 10 rounds from
+    # lr 0.01 down to 1e-4. FedASAM+SWA: add --optimizer asam --rho 0.7 --eta 0.2; FedAvg+SWA:
+    # --strategy fedavg --optimizer sgd.
+    "caldarola-cifar10-swa": {
+        "dataset": "cifar10", "model": "cnn", "partition": "dirichlet-equal", "dirichlet-alpha": 0.05,
+        "num-clients": 100, "clients-per-round": 5, "rounds": 10000, "local-epochs": 1, "batch-size": 64,
+        "strategy": "fedsam", "optimizer": "sam", "rho": 0.1, "lr": 0.01, "momentum": 0.0,
+        "weight-decay": 4e-4, "eval-every": 100,
+        "swa-start": 7501, "swa-cycle": 10, "swa-lr": 1e-4,
+    },
 }

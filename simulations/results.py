@@ -6,7 +6,8 @@
 | ``partition.json`` | the split: clients' training-set indices and its heterogeneity summary |
 | ``metrics.jsonl`` | one JSON object per round, appended when the round ends |
 | ``summary.json`` | final and best test accuracy, wall time, written at the end |
-| ``model.pt`` | the final global model's ``state_dict`` |
+| ``model.pt`` | the final global model's ``state_dict`` (with SWA: the SWA average) |
+| ``model-global.pt`` | with SWA only: the last plain global model |
 | ``checkpoint.pt`` | the state to continue from (``fedsam run --resume``), every ``--checkpoint-every`` rounds |
 | ``accuracy.png`` | test accuracy and train loss against round |
 """
@@ -26,6 +27,7 @@ from simulations import plots
 
 CONFIG, PARTITION, METRICS, SUMMARY = "config.json", "partition.json", "metrics.jsonl", "summary.json"
 MODEL, CHECKPOINT, CURVES = "model.pt", "checkpoint.pt", "accuracy.png"
+GLOBAL_MODEL = "model-global.pt"  # with SWA: the last plain global model (model.pt holds the SWA average)
 RUN_FILES = (CONFIG, METRICS, SUMMARY)  # any of them means a run lives in the folder
 LISTING = " ".join((CONFIG, PARTITION, METRICS, SUMMARY, MODEL, CURVES))  # what a finished run holds
 
@@ -183,7 +185,10 @@ class RunRecorder:
         parts.append(f"elapsed {duration(self.earlier_seconds + elapsed)}  ETA {duration(eta)}")
         return " · ".join(parts)
 
-    def finish(self, model_state: dict[str, torch.Tensor], wall_seconds: float) -> dict:
+    def finish(self, model_state: dict[str, torch.Tensor], wall_seconds: float,
+               global_state: dict[str, torch.Tensor] | None = None) -> dict:
+        """Write ``model.pt`` (the evaluated model), ``summary.json`` and the curves; with SWA,
+        ``global_state`` is the last plain global model, kept as ``model-global.pt``."""
         evaluated = [r for r in self.records if r.get("test_accuracy") is not None]
         reasons: dict[str, int] = {}
         for record in self.records:
@@ -201,6 +206,8 @@ class RunRecorder:
             "failure_reasons": dict(sorted(reasons.items(), key=lambda item: -item[1])),
         }
         torch.save({k: v.detach().cpu() for k, v in model_state.items()}, self.out / MODEL)
+        if global_state is not None:
+            torch.save({k: v.detach().cpu() for k, v in global_state.items()}, self.out / GLOBAL_MODEL)
         (self.out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         plots.run_curves(self.records, self.out / CURVES, self.title)
         return summary

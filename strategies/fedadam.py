@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, MetricRecord
 
 from . import vectors
 from .fedavg import ClientUpdate, FedAvg
+from .swa import SWA
 
 V0 = ("zero", "tau2")
 FEDADAM_SERVER_LR = 0.1  # FL-Simulator's table (0.1 or 0.05); plain averaging's 1.0 diverges
@@ -32,7 +33,7 @@ class FedAdam(FedAvg):
 
     Parameters
     ----------
-    num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers, relaxed_init
+    num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers, relaxed_init, swa
         As in ``FedAvg``.
     server_lr : float (default: 0.1)
         ``η_g``; FL-Simulator uses 0.1 or 0.05 (1.0, plain averaging's value, diverges here).
@@ -46,10 +47,10 @@ class FedAdam(FedAvg):
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
                  server_lr: float = FEDADAM_SERVER_LR, lr_decay: float = 1.0, query_timeout: float = 600.0,
-                 workers: int | None = None, relaxed_init: float = 0.0, beta1: float = 0.9, beta2: float = 0.99, tau: float = 0.01,
+                 workers: int | None = None, relaxed_init: float = 0.0, swa: SWA | None = None, beta1: float = 0.9, beta2: float = 0.99, tau: float = 0.01,
                  v0: str = "zero") -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, server_lr=server_lr,
-                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init)
+                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init, swa=swa)
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
             if not 0 <= beta < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {beta}")

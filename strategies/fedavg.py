@@ -26,6 +26,7 @@ from flwr.supercore import log
 from fedsam import wire
 
 from . import vectors
+from .swa import SWA
 from .sampling import ClientSampler, NodeSetupError, query_partition_ids, short_reason
 
 
@@ -54,6 +55,13 @@ class ClientUpdate:
     delta: vectors.Vector
     reply: Message
 
+    def model_reply(self) -> Message:
+        """The reply with only its model and metrics, as Flower's aggregation wants it (a client may
+        also return its dual or optimizer state)."""
+        content = self.reply.content
+        return Message(RecordDict({"arrays": content["arrays"], "metrics": next(iter(content.metric_records.values()))}),
+                       metadata=self.reply.metadata)
+
 
 def _is_finite(record: ArrayRecord) -> bool:
     return all(np.isfinite(a.numpy()).all() for a in record.values() if np.issubdtype(np.dtype(a.dtype), np.inexact))
@@ -68,7 +76,7 @@ class SeededRounds:
 
     def _init_rounds(self, num_clients: int, clients_per_round: int, seed: int, sampling: str,
                      lr_decay: float, query_timeout: float, workers: int | None = None,
-                     relaxed_init: float = 0.0) -> None:
+                     relaxed_init: float = 0.0, swa: SWA | None = None) -> None:
         if not 0 < lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
         if not (relaxed_init >= 0 and math.isfinite(relaxed_init)):
@@ -77,6 +85,8 @@ class SeededRounds:
         self.last_models = vectors.ClientStates()  # w_i^last, kept only with relaxed initialisation
         self.first_model: vectors.Vector | None = None  # w_0, the start of a client's first round after round 1
         self.starts: dict[int, vectors.Vector] = {}  # w_{i,0} of this round's relaxed clients
+        self.swa = swa
+        self.optimizer_states: dict[int, ArrayRecord] = {}  # what a client's optimizer keeps (Sparse SAM's mask)
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
@@ -95,14 +105,32 @@ class SeededRounds:
         """What must survive a restart besides the global model (sampling and the lr schedule are
         functions of the seed and the round, and node ids are asked for again): here, with relaxed
         initialisation, each client's last model and ``w_0``; a subclass adds its own state."""
-        if not self.relaxed_init:
-            return {}
-        return {"last_models": self.last_models.state(), "first_model": vectors.vector_state(self.first_model)}
+        state: dict[str, Any] = {}
+        if self.relaxed_init:
+            state.update(last_models=self.last_models.state(), first_model=vectors.vector_state(self.first_model))
+        if self.swa is not None:
+            state["swa"] = self.swa.state()
+        if self.optimizer_states:
+            state["optimizer_states"] = {str(pid): dict(r.to_torch_state_dict())
+                                         for pid, r in self.optimizer_states.items()}
+        return state
 
     def restore_state(self, state: dict[str, Any]) -> None:
         """Inverse of ``checkpoint_state``."""
         self.last_models.restore(state.get("last_models", {}))
         self.first_model = vectors.vector_from_state(state.get("first_model"))
+        if self.swa is not None and "swa" in state:
+            self.swa.restore(state["swa"])
+        self.optimizer_states = {int(pid): ArrayRecord(dict(r)) for pid, r in state.get("optimizer_states", {}).items()}
+
+    def evaluation_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The model to evaluate and save: the SWA average once SWA has begun, else ``arrays``."""
+        return self.swa.arrays() if self.swa is not None and self.swa.active else arrays
+
+    def after_round(self, server_round: int, arrays: ArrayRecord | None) -> None:
+        """Bookkeeping on the new global model every strategy shares (SWA's collection)."""
+        if arrays is not None and self.swa is not None:
+            self.swa.end_round(server_round, arrays)
 
     def relaxed_start(self, partition_id: int) -> vectors.Vector | None:
         """Relaxed initialisation (FL-Simulator's ``--use-RI``): client ``i`` starts from
@@ -116,7 +144,9 @@ class SeededRounds:
         return {k: now[k] + self.relaxed_init * (now[k] - last[k]) for k in now}
 
     def local_lr(self, server_round: int, lr: float) -> float:
-        return lr * self.lr_decay ** (server_round - 1)
+        """``lr · lr_decay^(t−1)``, then SWA's cyclic schedule once it has begun."""
+        decayed = lr * self.lr_decay ** (server_round - 1)
+        return self.swa.client_lr(server_round, decayed) if self.swa is not None else decayed
 
     def _nodes(self, grid: Grid) -> dict[int, int]:
         if self.node_of is None:
@@ -150,6 +180,8 @@ class SeededRounds:
         out = RecordDict(dict(content.items()))
         for pid in cohort:
             records = dict(self.client_records(server_round, pid))
+            if pid in self.optimizer_states:
+                records[wire.OPTIMIZER_STATE] = self.optimizer_states[pid]
             start = self.starts.get(pid)
             if start is not None:
                 assert self.current_arrays is not None
@@ -165,6 +197,8 @@ class SeededRounds:
                         grid: Grid) -> Iterable[Message]:
         """One message per sampled client; with ``workers``, one per cohort of clients (``fedsam.wire``)."""
         self.current_arrays = arrays
+        if self.swa is not None:
+            self.swa.begin_round(server_round, arrays)
         node_of = self._nodes(grid)
         sampled = self.sampler.sample(server_round)
         self.starts = {pid: start for pid in sampled if (start := self.relaxed_start(pid)) is not None}
@@ -242,6 +276,8 @@ class SeededRounds:
                                     {k: final[k] - start[k] for k in start}, reply))
             if self.relaxed_init:
                 self.last_models.set(pid, final, self.current_arrays)
+            if wire.OPTIMIZER_STATE in reply.content:  # kept as it came, for the client's next round
+                self.optimizer_states[pid] = reply.content[wire.OPTIMIZER_STATE]
         return out
 
     def round_diagnostics(self, updates: list[ClientUpdate]) -> dict[str, float]:
@@ -304,18 +340,22 @@ class FedAvg(SeededRounds, FlowerFedAvg):
     node). A number groups each round's clients into that many cohorts, one message each, so a
     simulation's workers each train several clients per call (``fedsam.wire``); every
     node of a simulation holds the whole dataset, so any node can train any partition.
+
+    ``relaxed_init``: ``β_RI`` of relaxed initialisation (FL-Simulator's ``--use-RI``; 0 = off):
+    each client starts from ``w_t + β·(w_t − w_i^last)``. ``swa``: server-side SWA
+    (``strategies.swa.SWA``), whose average ``evaluation_arrays`` returns once it has begun.
     """
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
                  server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0,
-                 workers: int | None = None, relaxed_init: float = 0.0) -> None:
+                 workers: int | None = None, relaxed_init: float = 0.0, swa: SWA | None = None) -> None:
         if not (server_lr > 0 and math.isfinite(server_lr)):
             raise ValueError(f"server_lr must be > 0, got {server_lr}")
         super().__init__(fraction_train=clients_per_round / num_clients, fraction_evaluate=0.0,
                          min_train_nodes=1, min_evaluate_nodes=0, min_available_nodes=num_clients,
                          train_metrics_aggr_fn=aggregate_train_metrics)
         self._init_rounds(num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers,
-                          relaxed_init)
+                          relaxed_init, swa)
         self.server_lr = server_lr
 
     def summary(self) -> None:
@@ -336,13 +376,14 @@ class FedAvg(SeededRounds, FlowerFedAvg):
         if arrays is not None and metrics is not None:
             for name, value in self.round_diagnostics(updates).items():
                 metrics[name] = value
+        self.after_round(server_round, arrays)
         return arrays, metrics
 
     def aggregate_usable(self, server_round: int,
                          updates: list[ClientUpdate]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The server update from the round's usable clients (``client_updates``): here FedAvg's
         ``w_t + η_g Δ̄``; a strategy with state updates it here too."""
-        averaged, metrics = FlowerFedAvg.aggregate_train(self, server_round, [u.reply for u in updates])
+        averaged, metrics = FlowerFedAvg.aggregate_train(self, server_round, [u.model_reply() for u in updates])
         if averaged is None:
             return None, metrics
         if self.starts:  # clients started apart (relaxed initialisation): step from w_t by the mean Δ_i

@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvgM as FlowerFedAvgM
 
 from .fedavg import SeededRounds, aggregate_train_metrics
+from .swa import SWA
 
 
 class FedAvgM(SeededRounds, FlowerFedAvgM):
@@ -20,19 +21,22 @@ class FedAvgM(SeededRounds, FlowerFedAvgM):
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
                  server_lr: float = 1.0, server_momentum: float = 0.9, lr_decay: float = 1.0,
-                 query_timeout: float = 600.0, workers: int | None = None) -> None:
+                 query_timeout: float = 600.0, workers: int | None = None, swa: SWA | None = None) -> None:
         super().__init__(server_learning_rate=server_lr, server_momentum=server_momentum,
                          fraction_train=clients_per_round / num_clients, fraction_evaluate=0.0,
                          min_train_nodes=1, min_evaluate_nodes=0, min_available_nodes=num_clients,
                          train_metrics_aggr_fn=aggregate_train_metrics)
-        self._init_rounds(num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers)
+        self._init_rounds(num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers,
+                          swa=swa)
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Flower's server momentum ``v`` (``momentum_vector``), one array per model array."""
         vector = self.momentum_vector
-        return {"momentum_vector": None if vector is None else [torch.from_numpy(np.array(v)) for v in vector]}
+        return {**super().checkpoint_state(),
+                "momentum_vector": None if vector is None else [torch.from_numpy(np.array(v)) for v in vector]}
 
     def restore_state(self, state: dict[str, Any]) -> None:
+        super().restore_state(state)
         vector = state.get("momentum_vector")
         self.momentum_vector = None if vector is None else [t.numpy() for t in vector]
 
@@ -42,10 +46,11 @@ class FedAvgM(SeededRounds, FlowerFedAvgM):
         if not usable:
             return None, None
         updates = self.client_updates(usable)
-        arrays, metrics = super().aggregate_train(server_round, [u.reply for u in updates])
+        arrays, metrics = super().aggregate_train(server_round, [u.model_reply() for u in updates])
         if arrays is not None and metrics is not None:
             for name, value in self.round_diagnostics(updates).items():
                 metrics[name] = value
+        self.after_round(server_round, arrays)
         return arrays, metrics
 
     def correction_norm(self) -> float | None:

@@ -23,6 +23,7 @@ from fedsam import wire
 
 from . import vectors
 from .fedavg import ClientUpdate, FedAvg
+from .swa import SWA
 
 FIRST_ROUND = ("one", "alpha")
 
@@ -32,7 +33,7 @@ class FedCM(FedAvg):
 
     Parameters
     ----------
-    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers, relaxed_init
+    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers, relaxed_init, swa
         As in ``FedAvg``.
     alpha : float (default: 0.1)
         The weight of the local gradient in ``d = α g + (1 − α) m``; in (0, 1].
@@ -49,10 +50,10 @@ class FedCM(FedAvg):
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
                  server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0,
-                 workers: int | None = None, relaxed_init: float = 0.0, alpha: float = 0.1, parameter_keys: list[str] | None = None,
+                 workers: int | None = None, relaxed_init: float = 0.0, swa: SWA | None = None, alpha: float = 0.1, parameter_keys: list[str] | None = None,
                  first_round_alpha: str = "one", fixed_steps: float | None = None) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, server_lr=server_lr,
-                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init)
+                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init, swa=swa)
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         if first_round_alpha not in FIRST_ROUND:

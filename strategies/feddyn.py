@@ -31,6 +31,7 @@ from fedsam.optim import FEDERATED_RHO
 from . import vectors
 from .fedavg import ClientUpdate, FedAvg
 from .fedsam import ClientDefaults
+from .swa import SWA
 
 #: FedDyn's λ (the paper's α) in FL-Simulator and in the FedSpeed and FedSMOO papers.
 DYN_LAMBDA = 0.1
@@ -42,7 +43,7 @@ class FedDyn(FedAvg):
 
     Parameters
     ----------
-    num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers, relaxed_init
+    num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers, relaxed_init, swa
         As in ``FedAvg``. There is no server lr: the server step is fixed by the method.
     lam : float (default: 0.1)
         The regulariser's weight ``λ`` (the paper's ``α``); ``>= 0``, and ``0`` is FedAvg with
@@ -52,10 +53,10 @@ class FedDyn(FedAvg):
     """
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
-                 lr_decay: float = 1.0, query_timeout: float = 600.0, workers: int | None = None, relaxed_init: float = 0.0,
+                 lr_decay: float = 1.0, query_timeout: float = 600.0, workers: int | None = None, relaxed_init: float = 0.0, swa: SWA | None = None,
                  lam: float = DYN_LAMBDA, parameter_keys: list[str] | None = None) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, lr_decay=lr_decay,
-                         query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init)
+                         query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init, swa=swa)
         if not (lam >= 0 and np.isfinite(lam)):
             raise ValueError(f"lam must be >= 0, got {lam}")
         self.lam = lam
@@ -120,7 +121,7 @@ class FedSpeed(ClientDefaults, FedDyn):
 
     Parameters
     ----------
-    num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers, relaxed_init, lam,
+    num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers, relaxed_init, swa, lam,
     parameter_keys
         As in ``FedDyn``.
     client_optimizer, rho
@@ -128,11 +129,11 @@ class FedSpeed(ClientDefaults, FedDyn):
     """
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
-                 lr_decay: float = 1.0, query_timeout: float = 600.0, workers: int | None = None, relaxed_init: float = 0.0,
+                 lr_decay: float = 1.0, query_timeout: float = 600.0, workers: int | None = None, relaxed_init: float = 0.0, swa: SWA | None = None,
                  lam: float = DYN_LAMBDA, parameter_keys: list[str] | None = None, client_optimizer: str = "sam",
                  rho: float = FEDERATED_RHO) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, lr_decay=lr_decay,
-                         query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init, lam=lam, parameter_keys=parameter_keys)
+                         query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init, swa=swa, lam=lam, parameter_keys=parameter_keys)
         self.client_optimizer, self.rho = client_optimizer, rho
 
 
@@ -141,7 +142,7 @@ class FedSMOO(FedDyn):
 
     Parameters
     ----------
-    num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers, relaxed_init, lam,
+    num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers, relaxed_init, swa, lam,
     parameter_keys
         As in ``FedDyn``.
     rho : float (default: 0.1)
@@ -150,10 +151,10 @@ class FedSMOO(FedDyn):
     """
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
-                 lr_decay: float = 1.0, query_timeout: float = 600.0, workers: int | None = None, relaxed_init: float = 0.0,
+                 lr_decay: float = 1.0, query_timeout: float = 600.0, workers: int | None = None, relaxed_init: float = 0.0, swa: SWA | None = None,
                  lam: float = DYN_LAMBDA, parameter_keys: list[str] | None = None, rho: float = FEDERATED_RHO) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, lr_decay=lr_decay,
-                         query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init, lam=lam, parameter_keys=parameter_keys)
+                         query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init, swa=swa, lam=lam, parameter_keys=parameter_keys)
         if not (rho >= 0 and np.isfinite(rho)):
             raise ValueError(f"rho must be >= 0, got {rho}")
         self.rho = rho

@@ -20,6 +20,7 @@ import math
 from flwr.app import ConfigRecord
 
 from .fedavg import FedAvg
+from .swa import SWA
 
 PROX_MU = 0.1  # FL-Simulator's --lamb
 PROX_CLIP = ("reference", "paper")
@@ -30,7 +31,7 @@ class FedProx(FedAvg):
 
     Parameters
     ----------
-    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers, relaxed_init
+    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers, relaxed_init, swa
         As in ``FedAvg``.
     mu : float (default: 0.1)
         The proximal weight ``μ``; ``>= 0``, and ``0`` is FedAvg.
@@ -40,9 +41,9 @@ class FedProx(FedAvg):
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
                  server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0,
-                 workers: int | None = None, relaxed_init: float = 0.0, mu: float = PROX_MU, prox_clip: str = "reference") -> None:
+                 workers: int | None = None, relaxed_init: float = 0.0, swa: SWA | None = None, mu: float = PROX_MU, prox_clip: str = "reference") -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, server_lr=server_lr,
-                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init)
+                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init, swa=swa)
         if not (mu >= 0 and math.isfinite(mu)):
             raise ValueError(f"mu must be >= 0, got {mu}")
         if prox_clip not in PROX_CLIP:

@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord
 from fedsam.optim import FEDERATED_RHO
 
 from .fedavg import FedAvg
+from .swa import SWA
 
 
 class ClientDefaults:
@@ -35,7 +36,7 @@ class FedSAM(ClientDefaults, FedAvg):
 
     Parameters
     ----------
-    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers, relaxed_init
+    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers, relaxed_init, swa
         As in ``FedAvg``.
     client_optimizer : str (default: "sam")
         The optimizer spec sent to clients when the train config names none.
@@ -45,7 +46,7 @@ class FedSAM(ClientDefaults, FedAvg):
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
                  server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0,
-                 workers: int | None = None, relaxed_init: float = 0.0, client_optimizer: str = "sam", rho: float = FEDERATED_RHO) -> None:
+                 workers: int | None = None, relaxed_init: float = 0.0, swa: SWA | None = None, client_optimizer: str = "sam", rho: float = FEDERATED_RHO) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, server_lr=server_lr,
-                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init)
+                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init, swa=swa)
         self.client_optimizer, self.rho = client_optimizer, rho

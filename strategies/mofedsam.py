@@ -11,6 +11,7 @@ from fedsam.optim import FEDERATED_RHO
 
 from .fedcm import FedCM
 from .fedsam import ClientDefaults
+from .swa import SWA
 
 
 class MoFedSAM(ClientDefaults, FedCM):
@@ -18,7 +19,7 @@ class MoFedSAM(ClientDefaults, FedCM):
 
     Parameters
     ----------
-    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers, relaxed_init
+    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers, relaxed_init, swa
         As in ``FedAvg``.
     alpha, parameter_keys, first_round_alpha, fixed_steps
         As in ``FedCM``.
@@ -28,11 +29,11 @@ class MoFedSAM(ClientDefaults, FedCM):
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
                  server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0,
-                 workers: int | None = None, relaxed_init: float = 0.0, alpha: float = 0.1, parameter_keys: list[str] | None = None,
+                 workers: int | None = None, relaxed_init: float = 0.0, swa: SWA | None = None, alpha: float = 0.1, parameter_keys: list[str] | None = None,
                  first_round_alpha: str = "one", fixed_steps: float | None = None,
                  client_optimizer: str = "sam", rho: float = FEDERATED_RHO) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, server_lr=server_lr,
-                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init, alpha=alpha,
+                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init, swa=swa, alpha=alpha,
                          parameter_keys=parameter_keys, first_round_alpha=first_round_alpha,
                          fixed_steps=fixed_steps)
         self.client_optimizer, self.rho = client_optimizer, rho

@@ -25,6 +25,7 @@ from fedsam import wire
 from . import vectors
 from .fedavg import ClientUpdate, FedAvg
 from .fedsam import ClientDefaults
+from .swa import SWA
 
 #: FedGAMMA's radius in FL-Simulator's table (its train.py default of 0.1 is shared by all SAM methods).
 FEDGAMMA_RHO = 0.01
@@ -35,7 +36,7 @@ class Scaffold(FedAvg):
 
     Parameters
     ----------
-    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers, relaxed_init
+    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers, relaxed_init, swa
         As in ``FedAvg``.
     parameter_keys : list[str] | None (default: None)
         The trainable parameters (the control variates cover only these); ``None`` means every
@@ -47,10 +48,10 @@ class Scaffold(FedAvg):
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
                  server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0,
-                 workers: int | None = None, relaxed_init: float = 0.0, parameter_keys: list[str] | None = None,
+                 workers: int | None = None, relaxed_init: float = 0.0, swa: SWA | None = None, parameter_keys: list[str] | None = None,
                  fixed_steps: float | None = None) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, server_lr=server_lr,
-                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init)
+                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init, swa=swa)
         if fixed_steps is not None and not fixed_steps > 0:
             raise ValueError(f"fixed_steps must be > 0, got {fixed_steps}")
         self.parameter_keys = parameter_keys
@@ -109,7 +110,7 @@ class FedGAMMA(ClientDefaults, Scaffold):
 
     Parameters
     ----------
-    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers, relaxed_init
+    num_clients, clients_per_round, seed, sampling, server_lr, lr_decay, query_timeout, workers, relaxed_init, swa
         As in ``FedAvg``.
     parameter_keys, fixed_steps
         As in ``Scaffold``.
@@ -119,10 +120,10 @@ class FedGAMMA(ClientDefaults, Scaffold):
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
                  server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0,
-                 workers: int | None = None, relaxed_init: float = 0.0, parameter_keys: list[str] | None = None,
+                 workers: int | None = None, relaxed_init: float = 0.0, swa: SWA | None = None, parameter_keys: list[str] | None = None,
                  fixed_steps: float | None = None, client_optimizer: str = "sam", rho: float = FEDGAMMA_RHO) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, server_lr=server_lr,
-                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init,
+                         lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init, swa=swa,
                          parameter_keys=parameter_keys, fixed_steps=fixed_steps)
         self.client_optimizer, self.rho = client_optimizer, rho
 

@@ -11,7 +11,7 @@ server sends is what the clients apply, on the synthetic CIFAR-10, through ``run
   ``test_family_server.py``);
 - SCAFFOLD's round 1 ≡ FedAvg's round 1, bit for bit, and its later rounds differ (3);
 - FedGAMMA with ρ → 0 ≡ SCAFFOLD, FedSpeed and FedSMOO with ρ → 0 ≡ FedDyn, MoFedSAM with ρ → 0 ≡
-  FedCM (2, 6, 7, 8): ρ = 1e-30
+  FedCM (2, 6, 7, 8), and FedLESAM, -S, -D with ρ → 0 ≡ FedAvg, SCAFFOLD, FedDyn (9): ρ = 1e-30
   moves no weight by a representable amount, so the two runs agree to float32 rounding;
 - every method records client drift, top-5 accuracy, and its correction's norm where it has one;
 """
@@ -90,7 +90,8 @@ def test_relaxed_initialisation_starts_apart_from_round_two_and_zero_is_off(cifa
 
 
 @pytest.mark.parametrize("sam,plain", [("fedgamma", "scaffold"), ("fedspeed", "feddyn"), ("fedsmoo", "feddyn"),
-                                      ("mofedsam", "fedcm")])
+                                      ("mofedsam", "fedcm"), ("fedlesam", "fedavg"), ("fedlesam-s", "scaffold"),
+                                      ("fedlesam-d", "feddyn")])
 def test_sam_variants_with_a_vanishing_radius_are_their_base_methods(cifar10_dir, tmp_path, sam, plain):
     a = _run(cifar10_dir, tmp_path / sam, strategy=sam, rho=1e-30, rounds=2)  # round 2 carries the corrections
     b = _run(cifar10_dir, tmp_path / plain, strategy=plain, rounds=2)

@@ -19,7 +19,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 NOT_IN_RUN_CONFIG = {"download", "num-cpus-per-client", "num-gpus-per-client", "ray-num-cpus", "ray-address",
-                     "optimizer", "rho", "eta"}
+                     "optimizer", "rho", "eta", "ssam-sparsity", "ssam-update-freq", "ssam-fisher-samples",
+                     "ssam-drop-rate"}
 
 
 def _pyproject():

@@ -1,12 +1,14 @@
-"""Local optimizers: SGD, SAM, ASAM, multi-step FGSM SAM, FedSMOO's dual SAM, and the plug-in point for your own."""
+"""Local optimizers: SGD, SAM, ASAM, multi-step FGSM SAM, FedSMOO's dual SAM, Sparse SAM, and the plug-in point for your own."""
 
 from .base import PerturbThenDescend
 from .dual_sam import DualSAM
 from .batchnorm import FirstPassStats, batchnorm_layers, frozen_running_stats
 from .fgsm import FGSMSAM, l2_equivalent_rho
+from .lesam import FixedPerturbation
 from .registry import (BUILTIN, FEDERATED_RHO, OptimizerSpecError, build, names, portable_spec, register, resolve,
                        restart, unregister)
 from .sam import ASAM_SCOPES, SAM, asam_param_groups, asam_scaled
+from .ssam import SSAM_MODES, SSAM_NORMS, SSAM_SCORES, SparseSAM
 
 __all__ = [
     "ASAM_SCOPES",
@@ -15,9 +17,14 @@ __all__ = [
     "FEDERATED_RHO",
     "FGSMSAM",
     "FirstPassStats",
+    "FixedPerturbation",
     "OptimizerSpecError",
     "PerturbThenDescend",
     "SAM",
+    "SSAM_MODES",
+    "SSAM_NORMS",
+    "SSAM_SCORES",
+    "SparseSAM",
     "asam_param_groups",
     "asam_scaled",
     "batchnorm_layers",

@@ -1,10 +1,10 @@
 """Optimizers by name or import path, so a config string picks the client optimizer.
 
-A *spec* is a registered name (``sgd``, ``sam``, ``asam``, ``fgsm-sam``, ``dual-sam`` or one added with
-``register``) or an import path ``package.module:factory``. A factory is any callable
-``factory(params, **options) -> optimizer``; the optimizer follows ``torch.optim``'s shape and
-its ``step(closure)`` accepts a closure that zeroes the gradients, runs forward and backward on
-one minibatch, and returns the loss. A multi-pass optimizer (SAM-like) calls the closure as
+A *spec* is a registered name (``sgd``, ``sam``, ``asam``, ``fgsm-sam``, ``dual-sam``, ``ssam-f``,
+``ssam-d``, ``lesam`` or one added with ``register``) or an import path ``package.module:factory``.
+A factory is any callable ``factory(params, **options) -> optimizer``; the optimizer follows
+``torch.optim``'s shape and its ``step(closure)`` accepts a closure that zeroes the gradients, runs
+forward and backward on one minibatch, and returns the loss. A multi-pass optimizer (SAM-like) calls the closure as
 often as it needs and exposes the optimizer that takes the final step as ``base_optimizer``;
 without that attribute the optimizer is treated as first-order (one closure call per step).
 
@@ -24,7 +24,9 @@ import torch
 
 from .dual_sam import DualSAM
 from .fgsm import FGSMSAM
+from .lesam import FixedPerturbation
 from .sam import SAM
+from .ssam import SparseSAM
 
 Factory = Callable[..., torch.optim.Optimizer]
 
@@ -70,7 +72,36 @@ def dual_sam(params: Iterable, lr: float = 0.01, momentum: float = 0.0, weight_d
     return DualSAM(params, torch.optim.SGD, rho=rho, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-BUILTIN: dict[str, Factory] = {"sgd": sgd, "sam": sam, "asam": asam, "fgsm-sam": fgsm_sam, "dual-sam": dual_sam}
+def ssam_f(params: Iterable, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0,
+           rho: float = 0.05, sparsity: float = 0.2, num_samples: int = 1024, update_freq: int = 5,
+           ssam_norm: str = "full") -> SparseSAM:
+    """SSAM-F over SGD (Mi et al. 2022 defaults). Its schedule and examples are set by the caller:
+    ``set_epoch(epoch, steps_per_epoch)`` and ``fisher_loss``; the mask is client state."""
+    return SparseSAM(params, torch.optim.SGD, rho=rho, sparsity=sparsity, mode="fisher", norm=ssam_norm,
+                     num_samples=num_samples, update_freq=update_freq, lr=lr, momentum=momentum,
+                     weight_decay=weight_decay)
+
+
+def ssam_d(params: Iterable, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0,
+           rho: float = 0.05, sparsity: float = 0.2, drop_rate: float = 0.5, death: str = "gradient",
+           growth: str = "random", update_freq: int = 5, total_epochs: int | None = None,
+           ssam_norm: str = "full", seed: int | None = None) -> SparseSAM:
+    """SSAM-D over SGD (Mi et al. 2022 defaults). The caller sets ``set_epoch(epoch, steps_per_epoch,
+    drop_rate)``; ``seed`` seeds the random initial mask and random scores; the mask is client state."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return SparseSAM(params, torch.optim.SGD, rho=rho, sparsity=sparsity, mode="dynamic", norm=ssam_norm,
+                     drop_rate=drop_rate, death=death, growth=growth, update_freq=update_freq,
+                     total_epochs=total_epochs, generator=generator, lr=lr, momentum=momentum,
+                     weight_decay=weight_decay)
+
+
+def lesam(params: Iterable, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0) -> FixedPerturbation:
+    """FedLESAM's client: SGD with the gradient taken at ``w + ε`` for an ``ε`` the server sends."""
+    return FixedPerturbation(params, torch.optim.SGD, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+BUILTIN: dict[str, Factory] = {"sgd": sgd, "sam": sam, "asam": asam, "fgsm-sam": fgsm_sam, "dual-sam": dual_sam,
+                               "ssam-f": ssam_f, "ssam-d": ssam_d, "lesam": lesam}
 _registry: dict[str, Factory] = dict(BUILTIN)
 
 
