@@ -29,7 +29,8 @@ from fedsam import wire
 from fedsam.cohort import train_cohort, use_batched
 from fedsam.data import DeviceBatches, PartitionSpec, load, make_partition
 from fedsam.models import build_model
-from fedsam.optim import BUILTIN, DualSAM, FixedPerturbation, SparseSAM, asam_param_groups, build, restart
+from fedsam.optim import (BUILTIN, DualSAM, FixedPerturbation, GlobalFlatSAM, SparseSAM, asam_param_groups, build,
+                          restart)
 from fedsam.runtime import autocast_dtype, memory_format, resolve_device, round_seed, use_cuda_graphs
 from fedsam.train import LocalResult, train_locally
 
@@ -265,6 +266,13 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
             if isinstance(optimizer, SparseSAM):
                 load_sparse_state(optimizer, model, content, pid, names, len(batches(pid)),
                                   batches(pid, batch_size=1, seed=seeds[pid] + 1))
+            point = on_device(content.get(wire.GLOBAL_POINT), device)
+            if isinstance(optimizer, GlobalFlatSAM):  # FedGF: the server's w̃ and κ
+                optimizer.load_global(None if point is None else [point[n] for n in names],
+                                      float(config.get("gf-kappa", 0.0)))
+            elif point is not None:
+                raise ValueError(f"the message carries FedGF's global point but optimizer {spec!r} takes none "
+                                 "(use gf-sam)")
             perturbation = on_device(wire.client_record(content, wire.PERTURBATION, pid), device)
             if isinstance(optimizer, FixedPerturbation):  # FedLESAM: this round's ε_i, or none
                 optimizer.load_perturbation(None if perturbation is None else [perturbation[n] for n in names])

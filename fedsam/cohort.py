@@ -51,7 +51,8 @@ PERTURBATION = {"sgd": "none", "sam": "sam", "asam": "asam", "fgsm-sam": "fgsm"}
 UNBATCHED = {"dual-sam": "FedSMOO's dual-sam keeps a per-client dual that has no batched rule",
              "ssam-f": "SSAM-F keeps a per-client mask refreshed by extra Fisher passes, which has no batched rule",
              "ssam-d": "SSAM-D keeps a per-client mask refreshed by a top-k inside the step, which has no batched rule",
-             "lesam": "FedLESAM's lesam takes a per-client perturbation that has no batched rule yet"}
+             "lesam": "FedLESAM's lesam takes a per-client perturbation that has no batched rule yet",
+             "gf-sam": "FedGF's gf-sam takes a global point that has no batched rule yet"}
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ model's parameters:
 - ``global-perturbation``: FedSMOO's ``s``;
 - ``dual``: FedSMOO's client dual ``u_i``, sent down and returned up;
 - ``perturbation``: FedLESAM's fixed ``ε`` (its own ``ε_i``, or the last global change, shared);
+- ``global-point``: FedGF's globally perturbed model ``w̃``, with ``gf-kappa`` in the config;
 - ``optimizer-state``: what a client's optimizer keeps between its rounds (Sparse SAM's mask and
   epoch count), returned up and sent back the next time the client is sampled, by any strategy;
 - ``arrays.PID``: the point a client starts from when it is not ``w_t`` (relaxed initialisation).
@@ -53,7 +54,7 @@ TRAIN_CONFIG_KEYS = frozenset({
     "batch-size", "lr", "weight-decay", "momentum", "grad-clip", "device", "precision", "vectorize",
     "cuda-graphs", "server-round", "momentum-alpha", "partition-ids", "extra-weight-decay", "anchor-pull",
     "direction-decay", "asam-scope", "rounds", "ssam-sparsity", "ssam-update-freq", "ssam-fisher-samples",
-    "ssam-drop-rate",
+    "ssam-drop-rate", "gf-kappa",
 })
 
 # The records a train message may carry beside "arrays" and "config", and a reply beside "arrays"
@@ -63,6 +64,7 @@ CORRECTION = "correction"
 GLOBAL_PERTURBATION = "global-perturbation"
 DUAL = "dual"
 PERTURBATION = "perturbation"
+GLOBAL_POINT = "global-point"
 OPTIMIZER_STATE = "optimizer-state"
 
 PARTITION_IDS = "partition-ids"

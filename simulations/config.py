@@ -19,10 +19,11 @@ from typing import Any
 
 from fedsam.data import DATASETS, SCHEMES, PartitionSpec
 from fedsam.models import MODELS
-from fedsam.optim import ASAM_SCOPES, FEDERATED_RHO
+from fedsam.optim import ASAM_SCOPES, FEDERATED_RHO, FEDGF_RHO
 from simulations.presets import PRESETS
 from strategies.fedadam import FEDADAM_SERVER_LR
 from strategies.feddyn import DYN_LAMBDA
+from strategies.fedgloss import GLOSS_BETA, GLOSS_RHO
 from strategies.fedlesam import LESAM_RHO
 from strategies.fedprox import PROX_MU
 from strategies.scaffold import FEDGAMMA_RHO
@@ -37,20 +38,23 @@ DEFAULT_OPTIMIZER = {
     "fedavg": "sgd", "fedsam": "sam", "fedavgm": "sgd", "fedprox": "sgd", "fedadam": "sgd",
     "fedcm": "sgd", "mofedsam": "sam", "scaffold": "sgd", "fedgamma": "sam",
     "feddyn": "sgd", "fedspeed": "sam", "fedsmoo": "dual-sam",
-    "fedlesam": "lesam", "fedlesam-s": "lesam", "fedlesam-d": "lesam",
+    "fedlesam": "lesam", "fedlesam-s": "lesam", "fedlesam-d": "lesam", "fedgf": "gf-sam", "fedgloss": "sam",
 }
 STRATEGIES = tuple(DEFAULT_OPTIMIZER)
 
 #: ρ under each SAM strategy when its SAM client is not given one (sam's own default is Foret et al.'s 0.05).
 METHOD_RHO = {"fedsam": FEDERATED_RHO, "mofedsam": FEDERATED_RHO, "fedgamma": FEDGAMMA_RHO,
               "fedspeed": FEDERATED_RHO, "fedsmoo": FEDERATED_RHO,
-              "fedlesam": LESAM_RHO, "fedlesam-s": LESAM_RHO, "fedlesam-d": LESAM_RHO}
+              "fedlesam": LESAM_RHO, "fedlesam-s": LESAM_RHO, "fedlesam-d": LESAM_RHO, "fedgf": FEDGF_RHO,
+              "fedgloss": GLOSS_RHO}
 
 #: Methods whose client rule is their own optimizer, which no other method sends.
-FIXED_CLIENT = {"fedsmoo": "dual-sam", "fedlesam": "lesam", "fedlesam-s": "lesam", "fedlesam-d": "lesam"}
+FIXED_CLIENT = {"fedsmoo": "dual-sam", "fedlesam": "lesam", "fedlesam-s": "lesam", "fedlesam-d": "lesam",
+                "fedgf": "gf-sam"}
 
-#: Defaults that differ by method, used when no layer (preset, file, flag) sets the setting.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"fedadam": {"server_lr": FEDADAM_SERVER_LR}}
+#: The server lr a method takes when ``--server-lr`` is 0 (its default): plain averaging's 1, but
+#: FL-Simulator's 0.1 for FedAdam, whose Adam step diverges at 1.
+METHOD_SERVER_LR = {"fedadam": FEDADAM_SERVER_LR}
 
 #: A method whose client is the plain one, and its SAM variant: the pairs are named methods, so a
 #: SAM optimizer under the plain name (or SGD under the SAM name) is refused rather than guessed.
@@ -96,7 +100,7 @@ class ExperimentConfig:
     clients_per_round: int = _f(5, "clients sampled each round (the expected number with bernoulli)")
     client_sampling: str = _f("uniform", "uniform: exactly clients-per-round; bernoulli: each client with "
                               "p = clients-per-round / num-clients (FL-Simulator)", ("uniform", "bernoulli"))
-    server_lr: float = _f(1.0, "server learning rate η_g (1 = plain averaging; fedadam: 0.1)",
+    server_lr: float = _f(0.0, "server learning rate η_g (0 = the method's: 1, plain averaging; fedadam 0.1)",
                           methods=tuple(m for m in DEFAULT_OPTIMIZER if m not in FEDDYN_FAMILY))
     server_momentum: float = _f(0.9, "FedAvgM's server momentum β", methods=("fedavgm",))
     momentum_alpha: float = _f(0.1, "FedCM's and MoFedSAM's α: weight of the local gradient against the global "
@@ -120,6 +124,22 @@ class ExperimentConfig:
     swa_cycle: int = _f(1, "SWA's cycle c: collect a model every c rounds; c > 1 also cycles the clients' lr "
                         "towards --swa-lr")
     swa_lr: float = _f(1e-4, "SWA's lowest client lr η_2 (used when --swa-cycle > 1)")
+    gf_threshold: float = _f(0.0, "FedGF's divergence threshold τ_D (0 = measured: the median divergence of the "
+                             "first --gf-calibration rounds, with κ = 0 meanwhile)", methods=("fedgf",))
+    gf_calibration: int = _f(10, "rounds FedGF measures to set τ_D when --gf-threshold is 0", methods=("fedgf",))
+    gf_window: int = _f(30, "FedGF's window W: κ is the fraction of the last W rounds above τ_D", methods=("fedgf",))
+    gf_server_rho: float = _f(0.0, "FedGF's ρ_g, the global point's distance (0 = the clients' ρ)",
+                              methods=("fedgf",))
+    gloss_momentum: float = _f(0.0, "FedGloSS's server SGD momentum μ_s", methods=("fedgloss",))
+    gloss_beta: float = _f(GLOSS_BETA, "FedGloSS's ADMM β (> 0; inf turns the duals off)", methods=("fedgloss",))
+    gloss_server_rho: float = _f(GLOSS_RHO, "FedGloSS's server radius ρ (0: no server perturbation); --rho is the "
+                                 "clients' ρ_l", methods=("fedgloss",))
+    gloss_warmup: int = _f(0, "FedGloSS's ρ warm-up T_s: both radii ramp from --gloss-rho0 over this many rounds "
+                           "(0 = none)", methods=("fedgloss",))
+    gloss_rho0: float = _f(0.001, "where FedGloSS's ρ warm-up starts", methods=("fedgloss",))
+    gloss_dual: str = _f("reference", "FedGloSS's server dual step: Σ Δ_i/(β N |S|) as the reference code "
+                         "(reference) or Σ Δ_i/(β N) as the paper (paper)", ("reference", "paper"),
+                         methods=("fedgloss",))
     prox_mu: float = _f(PROX_MU, "FedProx's proximal weight μ", methods=("fedprox",))
     prox_clip: str = _f("reference", "where FedProx's pull is clipped: FL-Simulator's -μ·w_0 in the clipped "
                         "direction and +μ·w as weight decay (reference), or μ(w - w_0) clipped whole (paper)",
@@ -187,14 +207,16 @@ class ExperimentConfig:
 
     def resolved(self) -> "ExperimentConfig":
         """The same config with the strategy-dependent defaults written out: the client optimizer
-        (``DEFAULT_OPTIMIZER``) and, for SAM under a SAM strategy, its ρ (``METHOD_RHO``). The data-dir becomes absolute, so the config.json it is saved as
+        (``DEFAULT_OPTIMIZER``), for SAM under a SAM strategy its ρ (``METHOD_RHO``), and the
+        server lr (``METHOD_SERVER_LR``). The data-dir becomes absolute, so the config.json it is saved as
         works from any folder (``--resume``, ``fedsam sharpness``) and a sweep finds its runs again."""
         optimizer = self.optimizer or DEFAULT_OPTIMIZER.get(self.strategy, "sgd")  # validate() names a bad strategy
         rho = self.rho
-        if rho is None and optimizer in ("sam", "dual-sam", "lesam") and self.strategy in METHOD_RHO:
+        if rho is None and optimizer in ("sam", "dual-sam", "lesam", "gf-sam") and self.strategy in METHOD_RHO:
             rho = METHOD_RHO[self.strategy]
         data_dir = str(Path(self.data_dir).expanduser().resolve()) if self.data_dir else self.data_dir
-        return dataclasses.replace(self, optimizer=optimizer, rho=rho, data_dir=data_dir)
+        server_lr = self.server_lr or METHOD_SERVER_LR.get(self.strategy, 1.0)
+        return dataclasses.replace(self, optimizer=optimizer, rho=rho, data_dir=data_dir, server_lr=server_lr)
 
     def to_dict(self) -> dict[str, Any]:
         """Dashed keys, as in flags, TOML and config.json."""
@@ -267,8 +289,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 def resolve(flags: dict[str, Any] | None = None, preset: str | None = None,
             config_file: str | None = None) -> ExperimentConfig:
-    """defaults < the method's defaults < preset < config file < flags (a ``preset`` key in the
-    file counts as a preset). A preset's settings for the run's strategy (``PRESETS[name]
+    """defaults < preset < config file < flags (a ``preset`` key in the file counts as a preset). A preset's settings for the run's strategy (``PRESETS[name]
     ["methods"]``) come with it; a flag or file setting the strategy does not take is refused."""
     file_values = read_toml(config_file) if config_file else {}
     preset = preset or file_values.pop("preset", None)
@@ -285,10 +306,7 @@ def resolve(flags: dict[str, Any] | None = None, preset: str | None = None,
         preset_values.update(PRESETS[preset].get("methods", {}).get(strategy, {}))
     check_methods(strategy, file_values, f"config file {config_file}")
     check_methods(strategy, flags, "command line")
-    given = {str(k).replace("-", "_") for k in (*preset_values, *file_values, *flags)}
-    method = {k: v for k, v in METHOD_DEFAULTS.get(strategy, {}).items() if k not in given}
-    cfg = apply(ExperimentConfig(), method, f"{strategy}'s defaults")
-    cfg = apply(cfg, preset_values, f"preset {preset}")
+    cfg = apply(ExperimentConfig(), preset_values, f"preset {preset}")
     cfg = apply(cfg, file_values, f"config file {config_file}")
     return apply(cfg, flags, "command line")
 
@@ -348,7 +366,8 @@ def validate(cfg: ExperimentConfig) -> None:
          f"clients-per-round ({cfg.clients_per_round}) is above num-clients ({cfg.num_clients})")
     need(cfg.min_successful_clients <= cfg.clients_per_round,
          f"min-successful-clients ({cfg.min_successful_clients}) is above clients-per-round ({cfg.clients_per_round})")
-    for name in ("lr", "server_lr", "dirichlet_alpha", "num_cpus_per_client", "client_timeout"):
+    need(finite("server_lr") >= 0, f"server-lr must be > 0 (or 0 for the method's own), got {cfg.server_lr}")
+    for name in ("lr", "dirichlet_alpha", "num_cpus_per_client", "client_timeout"):
         need(finite(name) > 0, f"{key(name)} must be > 0, got {getattr(cfg, name)}")
     need(0 < finite("lr_decay") <= 1, f"lr-decay must be in (0, 1], got {cfg.lr_decay}")
     need(finite("weight_decay") >= 0, f"weight-decay must be >= 0, got {cfg.weight_decay}")
@@ -362,6 +381,15 @@ def validate(cfg: ExperimentConfig) -> None:
          f"ssam-drop-rate must be in [0, 1], got {cfg.ssam_drop_rate}")
     for name in ("ssam_update_freq", "ssam_fisher_samples"):
         need(getattr(cfg, name) is None or getattr(cfg, name) >= 1, f"{key(name)} must be >= 1, got {getattr(cfg, name)}")
+    need(cfg.gf_threshold >= 0, f"gf-threshold must be >= 0 (0 = measured, inf = never), got {cfg.gf_threshold}")
+    need(finite("gf_server_rho") >= 0, f"gf-server-rho must be >= 0 (0 = the clients' rho), got {cfg.gf_server_rho}")
+    for name in ("gf_calibration", "gf_window"):
+        need(getattr(cfg, name) >= 1, f"{key(name)} must be >= 1, got {getattr(cfg, name)}")
+    need(0 <= finite("gloss_momentum") < 1, f"gloss-momentum must be in [0, 1), got {cfg.gloss_momentum}")
+    need(cfg.gloss_beta > 0, f"gloss-beta must be > 0 (inf turns the duals off), got {cfg.gloss_beta}")
+    need(finite("gloss_server_rho") >= 0, f"gloss-server-rho must be >= 0, got {cfg.gloss_server_rho}")
+    need(finite("gloss_rho0") >= 0, f"gloss-rho0 must be >= 0, got {cfg.gloss_rho0}")
+    need(cfg.gloss_warmup >= 0, f"gloss-warmup must be >= 0 (0 = none), got {cfg.gloss_warmup}")
     need(finite("lesam_correction") >= 0, f"lesam-correction must be >= 0, got {cfg.lesam_correction}")
     need(finite("relaxed_init") >= 0, f"relaxed-init must be >= 0 (0 = off), got {cfg.relaxed_init}")
     need(cfg.swa_start >= 0, f"swa-start must be a round >= 1 (0 = off), got {cfg.swa_start}")

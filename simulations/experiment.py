@@ -22,7 +22,7 @@ from fedsam.data import DataError, DeviceBatches, ImageDataset, Partition, Parti
 from fedsam.data import partition_record, summarize, write_partition_json
 from fedsam.cohort import batchable
 from fedsam.models import build_model
-from fedsam.optim import OptimizerSpecError, build, portable_spec
+from fedsam.optim import FEDGF_RHO, OptimizerSpecError, build, portable_spec
 from fedsam.sharpness import evaluation_subset, model_sharpness
 from fedsam.train import Evaluation, evaluate
 from simulations import checkpoint
@@ -30,8 +30,9 @@ from simulations import config as configuration
 from simulations.config import ConfigError, ExperimentConfig
 from simulations import results
 from simulations.results import RunRecorder, holds_a_run
-from strategies import (FedAdam, FedAvg, FedAvgM, FedCM, FedDyn, FedGAMMA, FedLESAM, FedLESAMD, FedLESAMS,
-                        FedProx, FedSAM, FedSMOO, FedSpeed, MoFedSAM, NodeSetupError, Scaffold)
+from strategies import (FedAdam, FedAvg, FedAvgM, FedCM, FedDyn, FedGAMMA, FedGF, FedGloSS, FedLESAM, FedLESAMD,
+                        FedLESAMS, FedProx, FedSAM, FedSMOO, FedSpeed, MoFedSAM, NodeSetupError, Scaffold)
+from strategies.fedgloss import GLOSS_RHO
 from strategies.swa import SWA
 
 EVAL_BATCH = 1000
@@ -169,6 +170,14 @@ def build_strategy(cfg: ExperimentConfig, parameter_keys: list[str], workers: in
         return (FedCM if name == "fedcm" else MoFedSAM)(
             *clients, alpha=cfg.momentum_alpha, parameter_keys=parameter_keys,
             first_round_alpha=cfg.first_round_alpha, fixed_steps=fixed_steps, **common)
+    if name == "fedgf":
+        return FedGF(*clients, rho=cfg.rho if cfg.rho is not None else FEDGF_RHO,
+                     global_rho=cfg.gf_server_rho or None, threshold=cfg.gf_threshold or None,
+                     calibration=cfg.gf_calibration, window=cfg.gf_window, parameter_keys=parameter_keys, **common)
+    if name == "fedgloss":
+        return FedGloSS(*clients, server_momentum=cfg.gloss_momentum, beta=cfg.gloss_beta, rho=cfg.gloss_server_rho,
+                        client_rho=cfg.rho if cfg.rho is not None else GLOSS_RHO, warmup_rounds=cfg.gloss_warmup,
+                        rho0=cfg.gloss_rho0, dual=cfg.gloss_dual, parameter_keys=parameter_keys, **common)
     if name == "fedlesam":
         return FedLESAM(*clients, parameter_keys=parameter_keys, **lesam, **common)
     if name == "fedlesam-s":
@@ -355,7 +364,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
             "test_accuracy": None,
             "test_top5_accuracy": None,
         }
-        for name in ("client-drift", "correction-norm"):  # the strategy's diagnostics of the round, if any
+        for name in ("client-drift", "correction-norm", "gf-kappa"):  # the strategy's diagnostics, if any
             if name in metrics:
                 record[name.replace("-", "_")] = float(metrics[name])
         evaluated = strategy.evaluation_arrays(arrays)  # the SWA average once SWA has begun

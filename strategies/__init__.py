@@ -1,12 +1,15 @@
 """Server strategies on Flower's message API: FedAvg and FedSAM, the drift-correcting methods
 (FedProx, FedCM, SCAFFOLD, FedDyn, FedAdam, FedAvgM) and their SAM variants (MoFedSAM, FedGAMMA,
-FedSpeed, FedSMOO), the global-perturbation methods (FedLESAM and its -S and -D variants), and
+FedSpeed, FedSMOO), the global-perturbation methods (FedLESAM and its -S and -D variants, FedGF,
+FedGloSS), and
 server-side SWA for any of them."""
 
 from .fedadam import FedAdam
 from .fedavg import ClientUpdate, FedAvg, SeededRounds
 from .fedavgm import FedAvgM
 from .fedcm import FedCM
+from .fedgf import FedGF
+from .fedgloss import FedGloSS
 from .fedlesam import FedLESAM, FedLESAMD, FedLESAMS
 from .feddyn import FedDyn, FedSMOO, FedSpeed
 from .fedprox import FedProx
@@ -17,5 +20,5 @@ from .scaffold import FedGAMMA, Scaffold
 from .swa import SWA
 
 __all__ = ["ClientSampler", "ClientUpdate", "FedAdam", "FedAvg", "FedAvgM", "FedCM", "FedDyn", "FedGAMMA",
-           "FedLESAM", "FedLESAMD", "FedLESAMS", "FedProx", "FedSAM", "FedSMOO", "FedSpeed", "MoFedSAM",
+           "FedGF", "FedGloSS", "FedLESAM", "FedLESAMD", "FedLESAMS", "FedProx", "FedSAM", "FedSMOO", "FedSpeed", "MoFedSAM",
            "NodeSetupError", "SWA", "Scaffold", "SeededRounds", "query_partition_ids"]

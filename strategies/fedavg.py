@@ -96,6 +96,7 @@ class SeededRounds:
         self.node_of: dict[int, int] | None = None  # partition id -> node id, asked once
         self.partition_of_node: dict[int, int] = {}
         self.current_arrays: ArrayRecord | None = None
+        self.sent_model: ArrayRecord | None = None
         self.round_lr: float | None = None
         self.failures: list[tuple[int, str]] = []  # (partition id, reason) of the last round
         self.sent: dict[int, list[int]] = {}  # node id -> the partitions its message of this round trains
@@ -205,6 +206,7 @@ class SeededRounds:
         if self.relaxed_init and self.first_model is None:  # round 1 starts at w_t = w_0; later ones may not
             self.first_model = vectors.floats(arrays)
         content = self.round_content(server_round, arrays, config)
+        self.sent_model = content["arrays"]  # w_t, or a model the strategy sends instead (FedGloSS's w̃_t)
         if self.workers is None:
             self.sent = {node_of[pid]: [pid] for pid in sampled}
             return [Message(self._with_client_records(content, server_round, [pid]), dst_node_id=node_of[pid],
@@ -263,10 +265,11 @@ class SeededRounds:
 
     def client_updates(self, usable: list[tuple[int, Message]]) -> list[ClientUpdate]:
         """Each usable client's ``Δ_i = w_i − w_{i,0}`` over the model's floating-point arrays, in
-        float64 (``w_{i,0} = w_t`` unless relaxed initialisation moved it). With relaxed
+        float64 (``w_{i,0}`` is the model the client was sent: ``w_t``, unless relaxed initialisation
+        moved it or the strategy sent another, as FedGloSS's ``w̃_t``). With relaxed
         initialisation each client's ``w_i`` is kept as its next round's ``w_i^last``."""
         assert self.current_arrays is not None
-        global_start = vectors.floats(self.current_arrays)
+        global_start = vectors.floats(self.sent_model if self.sent_model is not None else self.current_arrays)
         out = []
         for pid, reply in usable:
             metrics = next(iter(reply.content.metric_records.values()))

@@ -98,3 +98,21 @@ def test_sam_variants_with_a_vanishing_radius_are_their_base_methods(cifar10_dir
     _same_model(a, b, tol=1e-5)
     for x, y in zip(_records(a), _records(b)):
         assert x["test_loss"] == pytest.approx(y["test_loss"], rel=1e-5)
+
+
+def test_fedgloss_without_server_radius_and_duals_is_fedsam(cifar10_dir, tmp_path):
+    """FedGloSS hook (11): ρ = 0 and 1/β = 0 is FedSAM(ρ_l) (its server SGD step is FedAvg's). One
+    round: FedGloSS averages in float64 and Flower's FedAvg in float32, and SAM's normalised ascent
+    lets later rounds amplify that last bit; the server rule itself is checked over several rounds
+    in test_fedgloss.py."""
+    a = _run(cifar10_dir, tmp_path / "gloss", strategy="fedgloss", gloss_server_rho=0.0, gloss_beta=float("inf"),
+             rho=0.1, rounds=1)
+    b = _run(cifar10_dir, tmp_path / "fedsam", strategy="fedsam", rho=0.1, rounds=1)
+    _same_model(a, b, tol=1e-6)
+
+
+def test_fedgf_with_an_infinite_threshold_is_fedsam(cifar10_dir, tmp_path):
+    """FedGF hook (10): τ_D = ∞ keeps κ = 0, and gf-sam with κ = 0 is SAM bit for bit."""
+    a = _run(cifar10_dir, tmp_path / "gf", strategy="fedgf", gf_threshold=float("inf"), rho=0.1, rounds=2)
+    b = _run(cifar10_dir, tmp_path / "fedsam", strategy="fedsam", rho=0.1, rounds=2)
+    _same_model(a, b)

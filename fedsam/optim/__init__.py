@@ -4,8 +4,9 @@ from .base import PerturbThenDescend
 from .dual_sam import DualSAM
 from .batchnorm import FirstPassStats, batchnorm_layers, frozen_running_stats
 from .fgsm import FGSMSAM, l2_equivalent_rho
+from .gf_sam import GlobalFlatSAM
 from .lesam import FixedPerturbation
-from .registry import (BUILTIN, FEDERATED_RHO, OptimizerSpecError, build, names, portable_spec, register, resolve,
+from .registry import (BUILTIN, FEDERATED_RHO, FEDGF_RHO, OptimizerSpecError, build, names, portable_spec, register, resolve,
                        restart, unregister)
 from .sam import ASAM_SCOPES, SAM, asam_param_groups, asam_scaled
 from .ssam import SSAM_MODES, SSAM_NORMS, SSAM_SCORES, SparseSAM
@@ -15,9 +16,11 @@ __all__ = [
     "BUILTIN",
     "DualSAM",
     "FEDERATED_RHO",
+    "FEDGF_RHO",
     "FGSMSAM",
     "FirstPassStats",
     "FixedPerturbation",
+    "GlobalFlatSAM",
     "OptimizerSpecError",
     "PerturbThenDescend",
     "SAM",

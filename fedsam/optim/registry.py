@@ -1,7 +1,7 @@
 """Optimizers by name or import path, so a config string picks the client optimizer.
 
 A *spec* is a registered name (``sgd``, ``sam``, ``asam``, ``fgsm-sam``, ``dual-sam``, ``ssam-f``,
-``ssam-d``, ``lesam`` or one added with ``register``) or an import path ``package.module:factory``.
+``ssam-d``, ``lesam``, ``gf-sam`` or one added with ``register``) or an import path ``package.module:factory``.
 A factory is any callable ``factory(params, **options) -> optimizer``; the optimizer follows
 ``torch.optim``'s shape and its ``step(closure)`` accepts a closure that zeroes the gradients, runs
 forward and backward on one minibatch, and returns the loss. A multi-pass optimizer (SAM-like) calls the closure as
@@ -24,6 +24,7 @@ import torch
 
 from .dual_sam import DualSAM
 from .fgsm import FGSMSAM
+from .gf_sam import GlobalFlatSAM
 from .lesam import FixedPerturbation
 from .sam import SAM
 from .ssam import SparseSAM
@@ -100,8 +101,18 @@ def lesam(params: Iterable, lr: float = 0.01, momentum: float = 0.0, weight_deca
     return FixedPerturbation(params, torch.optim.SGD, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+#: FedGF's radius: the middle of its published grid {0.02, 0.05, 0.1}.
+FEDGF_RHO = 0.05
+
+
+def gf_sam(params: Iterable, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0,
+           rho: float = FEDGF_RHO) -> GlobalFlatSAM:
+    """FedGF's client: SAM over SGD whose second pass moves towards the server's global point."""
+    return GlobalFlatSAM(params, torch.optim.SGD, rho=rho, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
 BUILTIN: dict[str, Factory] = {"sgd": sgd, "sam": sam, "asam": asam, "fgsm-sam": fgsm_sam, "dual-sam": dual_sam,
-                               "ssam-f": ssam_f, "ssam-d": ssam_d, "lesam": lesam}
+                               "ssam-f": ssam_f, "ssam-d": ssam_d, "lesam": lesam, "gf-sam": gf_sam}
 _registry: dict[str, Factory] = dict(BUILTIN)
 
 
