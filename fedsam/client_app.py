@@ -286,7 +286,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
                 out[pid][wire.DUAL] = ArrayRecord({n: u.detach().cpu().clone()
                                                    for n, u in zip(names, optimizer.duals())})
             if isinstance(optimizer, SparseSAM):  # the mask and epoch count, kept for this client's next round
-                state = {n: m.detach().cpu() for n, m in zip(names, optimizer.mask())}
+                state = {n: m.detach().cpu().bool() for n, m in zip(names, optimizer.mask())}  # 1 byte an entry
                 state[SPARSE_EPOCH] = torch.tensor(optimizer.epoch)
                 out[pid][wire.OPTIMIZER_STATE] = ArrayRecord(state)
         except Exception as exc:  # noqa: BLE001 - one client's failure, reported for that client

@@ -21,10 +21,11 @@ from fedsam.data import DATASETS, SCHEMES, PartitionSpec
 from fedsam.models import MODELS
 from fedsam.optim import ASAM_SCOPES, FEDERATED_RHO, FEDGF_RHO
 from simulations.presets import PRESETS
-from strategies.fedadam import FEDADAM_SERVER_LR
+from strategies.fedadam import ADAM_BETA1, ADAM_BETA2, ADAM_TAU, FEDADAM_SERVER_LR
 from strategies.feddyn import DYN_LAMBDA
-from strategies.fedgloss import GLOSS_BETA, GLOSS_RHO
-from strategies.fedlesam import LESAM_RHO
+from strategies.fedgf import GF_CALIBRATION, GF_WINDOW
+from strategies.fedgloss import GLOSS_BETA, GLOSS_RHO, GLOSS_RHO0
+from strategies.fedlesam import LESAM_CORRECTION, LESAM_RHO
 from strategies.fedprox import PROX_MU
 from strategies.scaffold import FEDGAMMA_RHO
 
@@ -59,7 +60,7 @@ METHOD_SERVER_LR = {"fedadam": FEDADAM_SERVER_LR}
 #: A method whose client is the plain one, and its SAM variant: the pairs are named methods, so a
 #: SAM optimizer under the plain name (or SGD under the SAM name) is refused rather than guessed.
 SAM_VARIANT = {"fedcm": "mofedsam", "scaffold": "fedgamma", "feddyn": "fedspeed"}
-SAM_FAMILY = ("sam", "asam", "fgsm-sam", "dual-sam")
+SAM_FAMILY = ("sam", "asam", "fgsm-sam", "dual-sam", "ssam-f", "ssam-d", "gf-sam")
 
 FEDDYN_FAMILY = ("feddyn", "fedspeed", "fedsmoo", "fedlesam-d")  # FedDyn's server: no server lr
 LESAM_FAMILY = ("fedlesam", "fedlesam-s", "fedlesam-d")
@@ -114,11 +115,11 @@ class ExperimentConfig:
     lesam_source: str = _f("client", "FedLESAM's perturbation: from the global model the client last received "
                            "(client, the paper) or the last global change (last-round, the reference's intent)",
                            ("client", "last-round"), methods=LESAM_FAMILY)
-    lesam_correction: float = _f(1.0, "FedLESAM-S's weight λ_c of c - c_i in the step (1 = SCAFFOLD's; the "
+    lesam_correction: float = _f(LESAM_CORRECTION, "FedLESAM-S's weight λ_c of c - c_i in the step (1 = SCAFFOLD's; the "
                                  "reference: 0.1)", methods=("fedlesam-s",))
     relaxed_init: float = _f(0.0, "relaxed initialisation β_RI: a client starts from w + β(w - its last model) "
                              "(FL-Simulator's --use-RI; 0 = off)",
-                             methods=tuple(m for m in DEFAULT_OPTIMIZER if m != "fedavgm"))
+                             methods=tuple(m for m in DEFAULT_OPTIMIZER if m not in ("fedavgm", "fedgf", "fedgloss")))
     swa_start: int = _f(0, "server-side SWA from this round on (1-based): the server averages global models and "
                         "evaluates the average (0 = off; Caldarola et al.: 75%% of the rounds, +1)")
     swa_cycle: int = _f(1, "SWA's cycle c: collect a model every c rounds; c > 1 also cycles the clients' lr "
@@ -126,8 +127,8 @@ class ExperimentConfig:
     swa_lr: float = _f(1e-4, "SWA's lowest client lr η_2 (used when --swa-cycle > 1)")
     gf_threshold: float = _f(0.0, "FedGF's divergence threshold τ_D (0 = measured: the median divergence of the "
                              "first --gf-calibration rounds, with κ = 0 meanwhile)", methods=("fedgf",))
-    gf_calibration: int = _f(10, "rounds FedGF measures to set τ_D when --gf-threshold is 0", methods=("fedgf",))
-    gf_window: int = _f(30, "FedGF's window W: κ is the fraction of the last W rounds above τ_D", methods=("fedgf",))
+    gf_calibration: int = _f(GF_CALIBRATION, "rounds FedGF measures to set τ_D when --gf-threshold is 0", methods=("fedgf",))
+    gf_window: int = _f(GF_WINDOW, "FedGF's window W: κ is the fraction of the last W rounds above τ_D", methods=("fedgf",))
     gf_server_rho: float = _f(0.0, "FedGF's ρ_g, the global point's distance (0 = the clients' ρ)",
                               methods=("fedgf",))
     gloss_momentum: float = _f(0.0, "FedGloSS's server SGD momentum μ_s", methods=("fedgloss",))
@@ -136,7 +137,7 @@ class ExperimentConfig:
                                  "clients' ρ_l", methods=("fedgloss",))
     gloss_warmup: int = _f(0, "FedGloSS's ρ warm-up T_s: both radii ramp from --gloss-rho0 over this many rounds "
                            "(0 = none)", methods=("fedgloss",))
-    gloss_rho0: float = _f(0.001, "where FedGloSS's ρ warm-up starts", methods=("fedgloss",))
+    gloss_rho0: float = _f(GLOSS_RHO0, "where FedGloSS's ρ warm-up starts", methods=("fedgloss",))
     gloss_dual: str = _f("reference", "FedGloSS's server dual step: Σ Δ_i/(β N |S|) as the reference code "
                          "(reference) or Σ Δ_i/(β N) as the paper (paper)", ("reference", "paper"),
                          methods=("fedgloss",))
@@ -146,9 +147,9 @@ class ExperimentConfig:
                         ("reference", "paper"), methods=("fedprox",))
     dyn_lambda: float = _f(DYN_LAMBDA, "FedDyn's, FedSpeed's and FedSMOO's regulariser weight λ",
                            methods=FEDDYN_FAMILY)
-    adam_beta1: float = _f(0.9, "FedAdam's first-moment decay β1", methods=("fedadam",))
-    adam_beta2: float = _f(0.99, "FedAdam's second-moment decay β2", methods=("fedadam",))
-    adam_tau: float = _f(0.01, "FedAdam's adaptivity τ", methods=("fedadam",))
+    adam_beta1: float = _f(ADAM_BETA1, "FedAdam's first-moment decay β1", methods=("fedadam",))
+    adam_beta2: float = _f(ADAM_BETA2, "FedAdam's second-moment decay β2", methods=("fedadam",))
+    adam_tau: float = _f(ADAM_TAU, "FedAdam's adaptivity τ", methods=("fedadam",))
     adam_v0: str = _f("zero", "FedAdam's initial v: 0 as FL-Simulator (zero) or τ² as the paper (tau2)",
                       ("zero", "tau2"), methods=("fedadam",))
     # client
@@ -225,6 +226,20 @@ class ExperimentConfig:
 
 def key(name: str) -> str:
     return name.replace("_", "-")
+
+
+#: The settings that say which method a run is, besides each method's own (``methods=``): what a
+#: report compares across, against FedAvg with SGD.
+METHOD_FIELDS = ("strategy", "optimizer", "rho", "eta", "asam_scope", "fgsm_steps", "ascent_momentum",
+                 "ssam_sparsity", "ssam_update_freq", "ssam_fisher_samples", "ssam_drop_rate", "server_lr",
+                 "swa_start", "swa_cycle", "swa_lr")
+
+
+def method_keys() -> set[str]:
+    """The dashed keys of every setting that describes the method (``METHOD_FIELDS`` and those
+    declared ``methods=``)."""
+    own = {f.name for f in dataclasses.fields(ExperimentConfig) if f.metadata.get("methods") is not None}
+    return {key(name) for name in (*METHOD_FIELDS, *own)}
 
 
 def _field_types() -> dict[str, Any]:

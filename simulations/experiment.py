@@ -148,7 +148,7 @@ def build_strategy(cfg: ExperimentConfig, parameter_keys: list[str], workers: in
             raise ValueError("the fl-simulator step normaliser needs the partition (client 0's size)")
         fixed_steps = fl_simulator_steps(cfg, partition)
     name = cfg.strategy
-    if name != "fedavgm":
+    if name not in ("fedavgm", "fedgf", "fedgloss"):
         common["relaxed_init"] = cfg.relaxed_init
     lesam = dict(rho=cfg.rho, source=cfg.lesam_source.replace("-", "_"))
     if name in configuration.FEDDYN_FAMILY:
@@ -165,7 +165,7 @@ def build_strategy(cfg: ExperimentConfig, parameter_keys: list[str], workers: in
         return FedProx(*clients, mu=cfg.prox_mu, prox_clip=cfg.prox_clip, **common)
     if name == "fedadam":
         return FedAdam(*clients, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, tau=cfg.adam_tau, v0=cfg.adam_v0,
-                       **common)
+                       parameter_keys=parameter_keys, **common)
     if name in ("fedcm", "mofedsam"):
         return (FedCM if name == "fedcm" else MoFedSAM)(
             *clients, alpha=cfg.momentum_alpha, parameter_keys=parameter_keys,

@@ -56,4 +56,38 @@ PRESETS: dict[str, dict] = {
         "weight-decay": 4e-4, "eval-every": 100,
         "swa-start": 7501, "swa-cycle": 10, "swa-lr": 1e-4,
     },
+    # FedLESAM (Fan et al., ICML 2024; its train.py, a fork of FL-Simulator): ResNet-18-GN, 200
+    # clients of equal size with Dirichlet(0.1) priors, 5% Bernoulli participation, 5 epochs at batch
+    # 25, lr 0.1 × 0.998, weight decay 1e-3, clipping at 10, ρ = 0.1, 1000 rounds. The -S row uses
+    # the reference's correction weight 0.1.
+    "fedlesam-cifar10": {
+        "dataset": "cifar10", "model": "resnet18-fls", "partition": "dirichlet-equal", "dirichlet-alpha": 0.1,
+        "num-clients": 200, "clients-per-round": 10, "client-sampling": "bernoulli", "rounds": 1000,
+        "local-epochs": 5, "batch-size": 25, "strategy": "fedlesam", "lr": 0.1, "lr-decay": 0.998,
+        "weight-decay": 1e-3, "momentum": 0.0, "grad-clip": 10.0, "eval-every": 10,
+        "methods": {
+            "fedlesam": {"rho": 0.1},
+            "fedlesam-s": {"rho": 0.1, "lesam-correction": 0.1, "step-normaliser": "fl-simulator"},
+            "fedlesam-d": {"rho": 0.1, "dyn-lambda": 0.1},
+        },
+    },
+    # FedGF (Lee & Yoon, ICML 2024; tools/experiments/cifar.sh): Caldarola et al.'s CNN and split,
+    # 5 of 100 clients, 1 epoch at batch 64, lr 0.01, weight decay 4e-4, no clipping, ρ = 0.05 (the
+    # middle of its grid), W = 30, 10,000 rounds. τ_D is measured (see strategies/fedgf.py).
+    "fedgf-cifar10": {
+        "dataset": "cifar10", "model": "cnn", "partition": "dirichlet-equal", "dirichlet-alpha": 0.05,
+        "num-clients": 100, "clients-per-round": 5, "rounds": 10000, "local-epochs": 1, "batch-size": 64,
+        "strategy": "fedgf", "lr": 0.01, "momentum": 0.0, "weight-decay": 4e-4, "eval-every": 100,
+        "methods": {"fedgf": {"rho": 0.05, "gf-window": 30}},
+    },
+    # FedGloSS (Caldarola et al., CVPR 2025; paper_experiments/cnn_cifar10.sh): the same CNN and split,
+    # ρ = ρ_l = 0.15, β = 10, a 2000-round warm-up from ρ_0 = 0.001, server SGD with η_g = 1 and no
+    # momentum, lr 0.01, weight decay 4e-4, 10,000 rounds.
+    "fedgloss-cifar10": {
+        "dataset": "cifar10", "model": "cnn", "partition": "dirichlet-equal", "dirichlet-alpha": 0.05,
+        "num-clients": 100, "clients-per-round": 5, "rounds": 10000, "local-epochs": 1, "batch-size": 64,
+        "strategy": "fedgloss", "lr": 0.01, "momentum": 0.0, "weight-decay": 4e-4, "eval-every": 100,
+        "methods": {"fedgloss": {"rho": 0.15, "gloss-server-rho": 0.15, "gloss-beta": 10.0, "gloss-warmup": 2000,
+                                 "gloss-rho0": 0.001, "gloss-momentum": 0.0, "server-lr": 1.0}},
+    },
 }

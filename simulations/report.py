@@ -40,12 +40,11 @@ import numpy as np
 
 from simulations.errors import UsageError
 from simulations import results
+from simulations.config import method_keys
 
 NOT_CONFIGURATION = {"seed", "out", "data-dir", "download", "device", "num-cpus-per-client", "num-gpus-per-client",
                      "ray-num-cpus", "ray-address"}
-METHOD_KEYS = {"strategy", "optimizer", "rho", "eta", "fgsm-steps", "ascent-momentum", "momentum-alpha",
-               "server-momentum", "prox-mu", "prox-clip", "dyn-lambda", "step-normaliser", "first-round-alpha",
-               "relaxed-init", "adam-beta1", "adam-beta2", "adam-tau", "adam-v0"}
+METHOD_KEYS = method_keys()
 # Optional per-round diagnostics: (metrics key, table header, CSV prefix). A column appears only when
 # some finished run recorded the key, so a table of older runs keeps its shape.
 DIAGNOSTICS = (("test_top5_accuracy", "final top-5 acc %", "top5"),

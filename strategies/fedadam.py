@@ -25,6 +25,7 @@ from .fedavg import ClientUpdate, FedAvg
 from .swa import SWA
 
 V0 = ("zero", "tau2")
+ADAM_BETA1, ADAM_BETA2, ADAM_TAU = 0.9, 0.99, 0.01  # FL-Simulator's train.py
 FEDADAM_SERVER_LR = 0.1  # FL-Simulator's table (0.1 or 0.05); plain averaging's 1.0 diverges
 
 
@@ -43,12 +44,16 @@ class FedAdam(FedAvg):
         The adaptivity ``τ`` added to ``√v``; > 0.
     v0 : str (default: "zero")
         ``"zero"`` (FL-Simulator) or ``"tau2"`` (the paper: ``v`` starts at ``τ²``).
+    parameter_keys : list[str] | None (default: None)
+        The trainable parameters Adam steps; other float arrays (BatchNorm's statistics) are
+        averaged. ``None``: every float array.
     """
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",
                  server_lr: float = FEDADAM_SERVER_LR, lr_decay: float = 1.0, query_timeout: float = 600.0,
-                 workers: int | None = None, relaxed_init: float = 0.0, swa: SWA | None = None, beta1: float = 0.9, beta2: float = 0.99, tau: float = 0.01,
-                 v0: str = "zero") -> None:
+                 workers: int | None = None, relaxed_init: float = 0.0, swa: SWA | None = None,
+                 beta1: float = ADAM_BETA1, beta2: float = ADAM_BETA2, tau: float = ADAM_TAU, v0: str = "zero",
+                 parameter_keys: list[str] | None = None) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, server_lr=server_lr,
                          lr_decay=lr_decay, query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init, swa=swa)
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
@@ -59,6 +64,7 @@ class FedAdam(FedAvg):
         if v0 not in V0:
             raise ValueError(f"v0 must be one of {V0}, got {v0!r}")
         self.beta1, self.beta2, self.tau, self.v0 = beta1, beta2, tau, v0
+        self.parameter_keys = parameter_keys
         self.first_moment: vectors.Vector | None = None  # m
         self.second_moment: vectors.Vector | None = None  # v
 
@@ -74,7 +80,9 @@ class FedAdam(FedAvg):
     def aggregate_usable(self, server_round: int,
                          updates: list[ClientUpdate]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.current_arrays is not None
-        mean = vectors.weighted_mean([u.delta for u in updates], [u.num_examples for u in updates])
+        keys = list(vectors.floats(self.current_arrays, self.parameter_keys))
+        mean = vectors.weighted_mean([{k: u.delta[k] for k in keys} for u in updates],
+                                     [u.num_examples for u in updates])
         if self.first_moment is None or self.second_moment is None:
             self.first_moment = vectors.zeros_like(mean)
             start = self.tau ** 2 if self.v0 == "tau2" else 0.0
@@ -83,11 +91,11 @@ class FedAdam(FedAvg):
         v = {k: self.beta2 * self.second_moment[k] + (1 - self.beta2) * np.square(mean[k]) for k in mean}
         self.first_moment, self.second_moment = m, v
         step = {k: self.server_lr * m[k] / (np.sqrt(v[k]) + self.tau) for k in mean}
-        new = vectors.to_record(vectors.add(vectors.floats(self.current_arrays), step), self.current_arrays)
-        first = updates[0].reply.content["arrays"]
-        for k in self.current_arrays.keys():
+        new = vectors.to_record(vectors.add(vectors.floats(self.current_arrays, keys), step), self.current_arrays)
+        for k in self.current_arrays.keys():  # BatchNorm's statistics: averaged, not Adam-stepped
             if k not in new:
-                new[k] = first[k]
+                new[k] = vectors.weighted_arrays(k, [u.reply.content["arrays"] for u in updates],
+                                                 [u.num_examples for u in updates])
         metrics = self.train_metrics_aggr_fn([u.reply.content for u in updates], self.weighted_by_key)
         return ArrayRecord({k: new[k] for k in self.current_arrays.keys()}), metrics
 

@@ -196,13 +196,14 @@ class FedSMOO(FedDyn):
     def aggregate_usable(self, server_round: int,
                          updates: list[ClientUpdate]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedDyn's step, then ``u_i`` as returned and ``s = ρ·ū / (‖ū‖ + ξ)``."""
+        missing = [u.partition_id for u in updates if wire.DUAL not in u.reply.content]
+        if missing:  # checked before any state changes
+            raise ValueError(f"client {missing[0]} returned no dual: FedSMOO's clients must use 'dual-sam'")
         arrays, metrics = super().aggregate_usable(server_round, updates)
         assert self.current_arrays is not None
         like = vectors.floats(self.current_arrays, self.parameter_keys)
         returned = []
         for u in updates:
-            if wire.DUAL not in u.reply.content:
-                raise ValueError(f"client {u.partition_id} returned no dual: FedSMOO's clients must use 'dual-sam'")
             dual = vectors.floats(u.reply.content[wire.DUAL], list(like))
             self.duals.set(u.partition_id, dual, self.current_arrays)
             returned.append(dual)

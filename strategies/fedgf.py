@@ -38,6 +38,9 @@ from .fedavg import ClientUpdate, FedAvg
 from .swa import SWA
 
 
+GF_CALIBRATION, GF_WINDOW = 10, 30  # τ_D's measured rounds (this project's rule); W of the reference
+
+
 class FedGF(FedAvg):
     """FedAvg's server plus FedGF's global point and adaptive κ.
 
@@ -64,7 +67,7 @@ class FedGF(FedAvg):
                  server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0,
                  workers: int | None = None, relaxed_init: float = 0.0, swa: SWA | None = None,
                  rho: float = FEDGF_RHO, global_rho: float | None = None, threshold: float | None = None,
-                 calibration: int = 10, window: int = 30, parameter_keys: list[str] | None = None) -> None:
+                 calibration: int = GF_CALIBRATION, window: int = GF_WINDOW, parameter_keys: list[str] | None = None) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, server_lr=server_lr,
                          lr_decay=lr_decay, query_timeout=query_timeout, workers=workers,
                          relaxed_init=relaxed_init, swa=swa)
@@ -72,6 +75,8 @@ class FedGF(FedAvg):
             raise ValueError(f"global_rho must be >= 0, got {global_rho}")
         if threshold is not None and not threshold >= 0:
             raise ValueError(f"threshold must be >= 0, got {threshold}")
+        if relaxed_init:
+            raise ValueError("relaxed initialisation would move the clients off the point FedGF measures drift from")
         if calibration < 1 or window < 1:
             raise ValueError(f"calibration and window must be >= 1, got {calibration} and {window}")
         self.client_optimizer, self.rho, self.global_rho = "gf-sam", rho, global_rho

@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsam import wire
@@ -36,6 +35,7 @@ from .swa import SWA
 
 GLOSS_BETA = 10.0  # CIFAR-10 (paper_experiments/cnn_cifar10.sh); CIFAR-100: 100
 GLOSS_RHO = 0.15  # both ρ (server) and ρ_l (client) on CIFAR-10
+GLOSS_RHO0 = 0.001  # where the warm-up starts (args.py)
 DUALS = ("reference", "paper")
 
 
@@ -70,13 +70,15 @@ class FedGloSS(FedAvg):
                  server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0,
                  workers: int | None = None, relaxed_init: float = 0.0, swa: SWA | None = None,
                  server_momentum: float = 0.0, beta: float = GLOSS_BETA, rho: float = GLOSS_RHO,
-                 client_rho: float = GLOSS_RHO, warmup_rounds: int = 0, rho0: float = 0.001,
+                 client_rho: float = GLOSS_RHO, warmup_rounds: int = 0, rho0: float = GLOSS_RHO0,
                  dual: str = "reference", parameter_keys: list[str] | None = None) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, server_lr=server_lr,
                          lr_decay=lr_decay, query_timeout=query_timeout, workers=workers,
                          relaxed_init=relaxed_init, swa=swa)
         if not beta > 0:
             raise ValueError(f"beta must be > 0 (math.inf turns the duals off), got {beta}")
+        if relaxed_init:
+            raise ValueError("relaxed initialisation would replace the perturbed model FedGloSS sends")
         for name, value in (("rho", rho), ("client_rho", client_rho), ("rho0", rho0)):
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -155,7 +157,8 @@ class FedGloSS(FedAvg):
         deltas = [{k: u.delta[k] for k in params} for u in updates]
         if math.isfinite(self.beta):
             sigma = self.dual_mean if self.dual_mean is not None else vectors.zeros_like(params)
-            scale = self.beta * self.sampler.num_clients * (len(updates) if self.dual == "reference" else 1)
+            sampled = len(self.sent_partitions())  # |S_t|: the sampled clients, failed ones included
+            scale = self.beta * self.sampler.num_clients * (sampled if self.dual == "reference" else 1)
             for u, delta in zip(updates, deltas):
                 own = self.client_duals.get(u.partition_id, params)
                 self.client_duals.set(u.partition_id, vectors.add(own, delta, -1.0 / self.beta), self.current_arrays)
@@ -173,22 +176,12 @@ class FedGloSS(FedAvg):
         if self.dual_mean is not None and math.isfinite(self.beta):
             new = vectors.add(new, self.dual_mean, -self.beta)
         record = vectors.to_record(new, self.current_arrays)
-        first = updates[0].reply.content["arrays"]
+        finals, weights = [u.reply.content["arrays"] for u in updates], [u.num_examples for u in updates]
         metrics = self.train_metrics_aggr_fn([u.reply.content for u in updates], self.weighted_by_key)
-        return ArrayRecord({k: record[k] if k in record else _unparametered(k, first, updates)
+        return ArrayRecord({k: record[k] if k in record else vectors.weighted_arrays(k, finals, weights)
                             for k in self.current_arrays.keys()}), metrics
 
     def correction_norm(self) -> float | None:
         """‖σ‖, the server's dual."""
         return None if self.dual_mean is None else vectors.norm(self.dual_mean)
 
-
-def _unparametered(key: str, first: ArrayRecord, updates: list[ClientUpdate]) -> Any:
-    """An array outside the trainable parameters (BatchNorm statistics): the clients' weighted mean
-    for floats, the first client's for counters."""
-    if np.issubdtype(np.dtype(first[key].dtype), np.floating):
-        weights = [u.num_examples for u in updates]
-        values = [u.reply.content["arrays"][key].numpy().astype(np.float64) for u in updates]
-        mean = sum(w * v for w, v in zip(weights, values)) / sum(weights)
-        return vectors.to_record({key: mean}, first)[key]
-    return first[key]

@@ -36,6 +36,7 @@ from .swa import SWA
 
 LESAM_RHO = 0.1  # FedLESAM's train.py; its README says ρ needs tuning (0.5 in the FedLESAM-S example)
 SOURCES = ("client", "last_round")
+LESAM_CORRECTION = 1.0  # λ_c: SCAFFOLD's own weight (the reference's --lamb is 0.1)
 
 
 class GlobalPerturbation:
@@ -156,7 +157,7 @@ class FedLESAMS(GlobalPerturbation, Scaffold):
                  server_lr: float = 1.0, lr_decay: float = 1.0, query_timeout: float = 600.0,
                  workers: int | None = None, relaxed_init: float = 0.0, swa: SWA | None = None,
                  parameter_keys: list[str] | None = None, fixed_steps: float | None = None,
-                 rho: float = LESAM_RHO, source: str = "client", correction_weight: float = 1.0) -> None:
+                 rho: float = LESAM_RHO, source: str = "client", correction_weight: float = LESAM_CORRECTION) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, server_lr=server_lr,
                          lr_decay=lr_decay, query_timeout=query_timeout, workers=workers,
                          relaxed_init=relaxed_init, swa=swa, parameter_keys=parameter_keys, fixed_steps=fixed_steps)

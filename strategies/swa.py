@@ -86,7 +86,7 @@ class SWA:
         return ArrayRecord({k: Array(np.asarray(v.astype(self.dtypes[k]))) for k, v in self.model.items()})
 
     def state(self) -> dict[str, Any]:
-        return {"model": None if self.model is None else {k: torch.from_numpy(np.array(v)) for k, v in self.model.items()},
+        return {"model": None if self.model is None else {k: torch.from_numpy(v) for k, v in self.model.items()},
                 "dtypes": {k: str(d) for k, d in self.dtypes.items()}, "collected": self.collected}
 
     def restore(self, state: dict[str, Any]) -> None:

@@ -88,13 +88,15 @@ class ClientStates:
         return partition_id in self.entries
 
     def set(self, partition_id: int, vector: Vector, like: ArrayRecord) -> None:
-        """Store in the model's dtypes (``like``)."""
-        self.entries[partition_id] = {k: v.astype(like[k].numpy().dtype) for k, v in vector.items()}
+        """Store in the model's dtypes (``like``), as new arrays (``state`` relies on it)."""
+        self.entries[partition_id] = {k: v.astype(like[k].numpy().dtype, copy=True) for k, v in vector.items()}
 
     def state(self) -> dict[str, Any]:
-        """For the checkpoint: tensors keyed by partition id (as a string) and array name."""
-        return {str(pid): {k: torch.from_numpy(np.array(v)) for k, v in vec.items()}
-                for pid, vec in self.entries.items()}
+        """For the checkpoint: tensors keyed by partition id (as a string) and array name. The run
+        takes this before every round (to fall back to if a worker dies), so it shares the arrays
+        rather than copying a table of ``N × P`` numbers each time."""
+        return {str(pid): {k: torch.from_numpy(v) for k, v in vec.items()}  # shared, not copied: entries are
+                for pid, vec in self.entries.items()}                         # replaced, never changed in place
 
     def restore(self, state: dict[str, Any]) -> None:
         self.entries = {int(pid): {k: t.numpy().copy() for k, t in vec.items()} for pid, vec in state.items()}
@@ -102,8 +104,19 @@ class ClientStates:
 
 def vector_state(vector: Vector | None) -> dict[str, torch.Tensor] | None:
     """A float64 vector for the checkpoint."""
-    return None if vector is None else {k: torch.from_numpy(np.array(v)) for k, v in vector.items()}
+    return None if vector is None else {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in vector.items()}
 
 
 def vector_from_state(state: dict[str, torch.Tensor] | None) -> Vector | None:
     return None if state is None else {k: t.numpy().astype(np.float64) for k, t in state.items()}
+
+
+def weighted_arrays(key: str, updates_arrays: list[ArrayRecord], weights: list[float]) -> Array:
+    """One array that is no trainable parameter (BatchNorm's statistics) across clients: the weighted
+    mean for floats, the first client's for counters (``num_batches_tracked``)."""
+    first = updates_arrays[0][key]
+    if not np.issubdtype(np.dtype(first.dtype), np.floating):
+        return first
+    values = [a[key].numpy().astype(np.float64) for a in updates_arrays]
+    mean = sum(w * v for w, v in zip(weights, values)) / float(sum(weights))
+    return Array(np.asarray(mean.astype(first.numpy().dtype)))
