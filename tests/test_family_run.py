@@ -89,9 +89,14 @@ def test_relaxed_initialisation_starts_apart_from_round_two_and_zero_is_off(cifa
     assert relaxed[2]["test_loss"] != plain[2]["test_loss"]
 
 
-@pytest.mark.parametrize("sam,plain", [("fedgamma", "scaffold"), ("fedspeed", "feddyn"), ("fedsmoo", "feddyn"),
-                                      ("mofedsam", "fedcm"), ("fedlesam", "fedavg"), ("fedlesam-s", "scaffold"),
-                                      ("fedlesam-d", "feddyn")])
+SLOW = pytest.mark.slow  # the same wiring as a kept pair; run them with the whole suite
+
+
+@pytest.mark.parametrize("sam,plain", [("fedgamma", "scaffold"), ("fedsmoo", "feddyn"), ("fedlesam", "fedavg"),
+                                      pytest.param("fedspeed", "feddyn", marks=SLOW),
+                                      pytest.param("mofedsam", "fedcm", marks=SLOW),
+                                      pytest.param("fedlesam-s", "scaffold", marks=SLOW),
+                                      pytest.param("fedlesam-d", "feddyn", marks=SLOW)])
 def test_sam_variants_with_a_vanishing_radius_are_their_base_methods(cifar10_dir, tmp_path, sam, plain):
     a = _run(cifar10_dir, tmp_path / sam, strategy=sam, rho=1e-30, rounds=2)  # round 2 carries the corrections
     b = _run(cifar10_dir, tmp_path / plain, strategy=plain, rounds=2)
