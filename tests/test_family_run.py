@@ -23,8 +23,10 @@ import json
 import pytest
 import torch
 
+from fedsam.client_app import app
+from simulations import checkpoint
 from simulations import config as configuration
-from tests.inprocess import run_inprocess
+from tests.inprocess import InProcessGrid, run_inprocess
 
 BASE = dict(num_clients=3, clients_per_round=2, rounds=3, device="cpu", batch_size=50, lr=0.05,
             weight_decay=1e-3, grad_clip=10.0, checkpoint_every=1)
@@ -121,3 +123,38 @@ def test_fedgf_with_an_infinite_threshold_is_fedsam(cifar10_dir, tmp_path):
     a = _run(cifar10_dir, tmp_path / "gf", strategy="fedgf", gf_threshold=float("inf"), rho=0.1, rounds=2)
     b = _run(cifar10_dir, tmp_path / "fedsam", strategy="fedsam", rho=0.1, rounds=2)
     _same_model(a, b)
+
+
+class KilledAfter(InProcessGrid):
+    """A grid whose process "dies" (KeyboardInterrupt) when round ``rounds + 1`` starts training."""
+
+    def __init__(self, *args, rounds: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rounds, self.trained = rounds, 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == "train":
+            self.trained += 1
+            if self.trained > self.rounds:
+                raise KeyboardInterrupt("killed")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+@pytest.mark.parametrize("changes", [dict(strategy="fedgloss", gloss_warmup=2, swa_start=2),
+                                     dict(strategy="fedlesam", swa_start=2)],
+                         ids=["fedgloss-duals-and-swa", "fedlesam-memory-and-swa"])
+def test_a_run_killed_after_a_checkpoint_resumes_exactly(cifar10_dir, tmp_path, changes):
+    """The state of the global-perturbation methods and of SWA travels in the checkpoint: a run
+    stopped after round 2 and resumed equals the uninterrupted run (the subprocess kill -9 of
+    test_resilience.py resumes through the same checkpoint)."""
+    whole = _run(cifar10_dir, tmp_path / "whole", **changes)
+    values = {"data_dir": str(cifar10_dir), "out": str(tmp_path / "part"), **BASE, **changes}
+    cfg = configuration.apply(configuration.ExperimentConfig(), values, "test").resolved()
+    with pytest.raises(KeyboardInterrupt):
+        run_inprocess(cfg, KilledAfter(app, cfg.num_clients, rounds=2))
+    state = checkpoint.load(tmp_path / "part")
+    assert state["round"] == 2 and "swa" in state["strategy"]
+    run_inprocess(cfg, resume=state)
+    assert _records(tmp_path / "part") == _records(whole)
+    _same_model(tmp_path / "part", whole)

@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.clientapp import ClientApp
 
 from fedsam import wire
-from strategies import FedAdam, FedAvg, FedCM, FedDyn, FedProx, FedSMOO, Scaffold
+from strategies import FedAdam, FedAvg, FedCM, FedDyn, FedGF, FedLESAM, FedProx, FedSMOO, Scaffold
 from strategies.swa import SWA
 from tests import reference_family as ref
 from tests.inprocess import InProcessGrid
@@ -263,6 +263,7 @@ def test_fedprox_sends_its_pull_in_the_form_asked_for(form, decay_key):
 
 @pytest.mark.parametrize("make", [lambda: Scaffold(5, 2, seed=1, relaxed_init=0.2), lambda: FedDyn(5, 2, seed=1),
                                   lambda: FedAvg(5, 2, seed=1, swa=SWA(start=2)),
+                                  lambda: FedLESAM(5, 2, seed=1), lambda: FedGF(5, 2, seed=1, calibration=1),
                                   lambda: FedSMOO(5, 2, seed=1), lambda: FedAdam(5, 2, seed=1),
                                   lambda: FedCM(5, 2, seed=1)])
 def test_state_survives_a_checkpoint_exactly(make):
