@@ -39,6 +39,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from fedsam.data.batches import DeviceBatches, crop_and_flip, to_device
 from fedsam.graphs import GraphedStep
 from fedsam.optim import BUILTIN, asam_scaled
+from fedsam.optim.base import XI
 from fedsam.optim.fgsm import l2_equivalent_rho
 from fedsam.train import LocalResult
 
@@ -340,7 +341,7 @@ def _descent_gradient(rule: ClientRule, rho: float | None, gradient, params: Ten
             eps.update({n: eps[n] * s for n, s in scale.items()})  # T g
         norm = _per_client(eps, torch.square).sqrt()
         eps.update({n: eps[n] * s for n, s in scale.items()})  # T² g
-        eps = _scaled(eps, rho / (norm + 1e-12))
+        eps = _scaled(eps, rho / (norm + XI))
         return gradient(_combine(params, eps), x, y, w)[0]
     # fgsm: k sign-gradient ascent steps inside the L∞ ball, per client
     eps = {n: torch.zeros_like(v) for n, v in g.items()}
@@ -352,7 +353,7 @@ def _descent_gradient(rule: ClientRule, rho: float | None, gradient, params: Ten
         if ascent is not None:
             l1 = _per_client(h, torch.abs)
             ascent = _combine(_scaled(ascent, torch.full_like(l1, rule.ascent_momentum)),
-                              _scaled(h, 1.0 / (l1 + 1e-12)))
+                              _scaled(h, 1.0 / (l1 + XI)))
             direction = {n: torch.sign(v) for n, v in ascent.items()}
         else:
             direction = {n: torch.sign(v) for n, v in h.items()}

@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsam import wire
 from fedsam.optim import FEDERATED_RHO
+from fedsam.optim.base import XI
 
 from . import vectors
 from .fedavg import ClientUpdate, FedAvg
@@ -35,7 +36,6 @@ from .swa import SWA
 
 #: FedDyn's λ (the paper's α) in FL-Simulator and in the FedSpeed and FedSMOO papers.
 DYN_LAMBDA = 0.1
-XI = 1e-12  # the project's ξ (algorithms.md), as in SAM
 
 
 class FedDyn(FedAvg):

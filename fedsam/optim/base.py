@@ -9,6 +9,9 @@ import torch
 
 Closure = Callable[[], torch.Tensor]
 
+#: ξ in every normalisation ``v / (‖v‖ + ξ)`` of this package (algorithms.md's 1e-12).
+XI = 1e-12
+
 
 class PerturbThenDescend(torch.optim.Optimizer):
     """Wraps a base optimizer that takes exactly one step per minibatch, at the restored weights.
@@ -62,6 +65,20 @@ class PerturbThenDescend(torch.optim.Optimizer):
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
+
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move from ``w`` to ``w + ε`` using the gradients now in ``p.grad`` (each subclass's own)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
+        """Two forward/backward passes on the closure's minibatch; returns the loss at ``w``."""
+        closure = require_closure(closure, type(self).__name__)
+        loss = closure()
+        self.first_step()
+        closure()
+        self.second_step()
+        return loss
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state (momentum buffers, groups); the perturbation lives one step only."""

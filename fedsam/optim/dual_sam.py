@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .base import Closure, PerturbThenDescend, require_closure
+from .base import XI, PerturbThenDescend
 
 
 class DualSAM(PerturbThenDescend):
@@ -80,19 +80,9 @@ class DualSAM(PerturbThenDescend):
             return
         norm = torch.stack(sq_norms).sum().sqrt()
         for group, params, eps, dual, shift in pending:
-            torch._foreach_mul_(eps, group["rho"] / (norm + 1e-12))
+            torch._foreach_mul_(eps, group["rho"] / (norm + XI))
             torch._foreach_add_(dual, eps)
             torch._foreach_sub_(dual, shift)  # u ← u + ε − s
             torch._foreach_add_(params, eps)
         if zero_grad:
             self.zero_grad()
-
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
-        """Two forward/backward passes on the closure's minibatch; returns the loss at ``w``."""
-        closure = require_closure(closure, "DualSAM")
-        loss = closure()
-        self.first_step()
-        closure()
-        self.second_step()
-        return loss

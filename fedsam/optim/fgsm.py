@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .base import Closure, PerturbThenDescend, require_closure
+from .base import XI, Closure, PerturbThenDescend, require_closure
 
 #: L2 length of the default perturbation: SAM's default ρ.
 DEFAULT_L2_RADIUS = 0.05
@@ -95,7 +95,7 @@ class FGSMSAM(PerturbThenDescend):
             if mu > 0:
                 m = self._buffers(params, "ascent_m")
                 torch._foreach_mul_(m, mu)
-                torch._foreach_add_(m, torch._foreach_div(grads, l1 + 1e-12))
+                torch._foreach_add_(m, torch._foreach_div(grads, l1 + XI))
                 direction = torch._foreach_sign(m)
             else:
                 direction = torch._foreach_sign(grads)  # sign(h / ‖h‖₁) = sign(h)

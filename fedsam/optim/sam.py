@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .base import Closure, PerturbThenDescend, require_closure
+from .base import XI, PerturbThenDescend
 
 
 class SAM(PerturbThenDescend):
@@ -78,20 +78,10 @@ class SAM(PerturbThenDescend):
         for group, params, eps, weights, scale in pending:
             if weights:
                 torch._foreach_mul_([eps[i] for i in weights], scale)  # e_w = T² g
-            torch._foreach_mul_(eps, group["rho"] / (norm + 1e-12))
+            torch._foreach_mul_(eps, group["rho"] / (norm + XI))
             torch._foreach_add_(params, eps)
         if zero_grad:
             self.zero_grad()
-
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
-        """Two forward/backward passes on the closure's minibatch; returns the loss at ``w``."""
-        closure = require_closure(closure, "SAM")
-        loss = closure()
-        self.first_step()
-        closure()
-        self.second_step()
-        return loss
 
 
 #: Which tensors ASAM scales by ``|w| + η``: every parameter named ``weight`` (normalization weights

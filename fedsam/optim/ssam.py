@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from .base import Closure, PerturbThenDescend, require_closure
+from .base import XI, Closure, PerturbThenDescend, require_closure
 
 SSAM_MODES = ("fisher", "dynamic")
 SSAM_NORMS = ("full", "masked")
@@ -302,7 +302,7 @@ class SparseSAM(PerturbThenDescend):
         for group, params, eps in pending:
             if self.norm == "full":
                 torch._foreach_mul_(eps, self._buffers(params, "mask"))  # after the norm of the full g
-            torch._foreach_mul_(eps, group["rho"] / (norm + 1e-12))
+            torch._foreach_mul_(eps, group["rho"] / (norm + XI))
             torch._foreach_add_(params, eps)
         if zero_grad:
             self.zero_grad()
