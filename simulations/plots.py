@@ -96,6 +96,18 @@ def _mean_curve(runs, key: str = "test_accuracy") -> tuple[np.ndarray, np.ndarra
     return np.array(rounds), values.mean(axis=0), values.std(axis=0, ddof=1) if len(curves) > 1 else 0 * values[0]
 
 
+def _style(i: int) -> dict:
+    """Line ``i``'s colour and dash: ten colours, then the same ten dashed, then dotted, so a
+    study of many methods keeps every line apart."""
+    return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[(i // 10) % 4]}
+
+
+def _legend_beside(fig, handles, labels) -> None:
+    """The legend right of the plot, one entry a line, however many lines there are (saved with
+    ``bbox_inches="tight"`` so nothing is cut)."""
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+
+
 def metric_curves(rows, keys: list[str], key: str, path: Path, ylabel: str, title: str) -> bool:
     """``key`` against round, one line per configuration (the mean over its finished seeds), log y
     when every value is positive (drift and norms span decades); ``False``, and no file, when no
@@ -105,8 +117,7 @@ def metric_curves(rows, keys: list[str], key: str, path: Path, ylabel: str, titl
         return False
     fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=100)
     for i, (row, (rounds, mean, _)) in enumerate(curves):
-        ax.plot(rounds, mean, color=f"C{i % 10}", label=_label(row.config, keys),
-                marker="." if len(rounds) < 40 else None)
+        ax.plot(rounds, mean, label=_label(row.config, keys), marker="." if len(rounds) < 40 else None, **_style(i))
     if all((mean > 0).all() for _, (_, mean, _) in curves):
         ax.set_yscale("log")
     ax.set_xlabel("round")
@@ -114,9 +125,9 @@ def metric_curves(rows, keys: list[str], key: str, path: Path, ylabel: str, titl
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    _legend_beside(fig, *ax.get_legend_handles_labels())
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -135,9 +146,9 @@ def sweep_figures(rows, keys: list[str], directory: Path) -> list[str]:
             if curve is None:
                 continue
             rounds, mean, std = curve
-            colour = f"C{[_label(r.config, line_keys) for r in rows].index(_label(row.config, line_keys)) % 10}"
-            ax.plot(rounds, mean, color=colour, label=_label(row.config, line_keys))
-            ax.fill_between(rounds, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
+            style = _style([_label(r.config, line_keys) for r in rows].index(_label(row.config, line_keys)))
+            ax.plot(rounds, mean, label=_label(row.config, line_keys), **style)
+            ax.fill_between(rounds, mean - std, mean + std, color=style["color"], alpha=0.2, linewidth=0)
         ax.set_title(f"{panel_key} = {value}" if panel_key else "test accuracy", fontsize=10)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -149,10 +160,10 @@ def sweep_figures(rows, keys: list[str], directory: Path) -> list[str]:
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
+    fig.tight_layout()
     if labels:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08 if labels else 0, 1, 1))
-    fig.savefig(directory / "curves.png")
+        _legend_beside(fig, handles, labels)
+    fig.savefig(directory / "curves.png", bbox_inches="tight")
     plt.close(fig)
     written.append("curves.png")
 
