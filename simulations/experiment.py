@@ -4,6 +4,7 @@ evaluate and record. ``fedsam run`` and the ``flwr run`` ServerApp both come her
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
@@ -82,10 +83,15 @@ def check(cfg: ExperimentConfig, out: Path | None = None, data: ImageDataset | N
         build(cfg.optimizer, probe.parameters(), **optimizer_options(message_config, 0))
     except OptimizerSpecError as exc:
         raise ConfigError(str(exc)) from None
+    flower = logging.getLogger("flwr")  # Flower's strategies log their setup; this is only a check
+    level = flower.level
+    flower.setLevel(logging.ERROR)
     try:
         build_strategy(cfg, [name for name, _ in probe.named_parameters()], None, partition)
     except ValueError as exc:  # the strategy's own checks, for a config from anywhere (flwr run, a sweep)
         raise ConfigError(f"--strategy {cfg.strategy}: {exc}") from None
+    finally:
+        flower.setLevel(level)
     return Checked(cfg, data, partition)
 
 
