@@ -17,6 +17,7 @@ def _positive(x) -> bool:
 
 
 @pytest.mark.processes
+@pytest.mark.slow  # a benchmark's smoke run (about a minute); CI keeps to the correctness tests
 def test_quick_bench_writes_every_part(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "simulations", "bench", "--quick", "--device", "cpu",

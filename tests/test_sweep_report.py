@@ -78,6 +78,7 @@ def test_running_the_sweep_again_skips_finished_runs_and_picks_up_unfinished_one
 
 
 @pytest.mark.processes
+@pytest.mark.slow  # two sweeps through Ray (about 80 s); exact resume itself is in CI (test_resilience)
 def test_more_rounds_extend_finished_runs_exactly(cifar10_dir, tmp_path):
     """A grid given more --rounds continues each run from its checkpoint; MoFedSAM's momentum is
     state the checkpoint must carry, and the result is the uninterrupted run's."""
