@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -44,6 +44,23 @@ class PerturbThenDescend(torch.optim.Optimizer):
                 state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
             out.append(state[name])
         return out
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def _load(self, name: str, values: Iterable[torch.Tensor] | None, label: str) -> None:
+        """Copy one tensor per parameter (``param_groups`` order) into the buffers ``name``, for
+        state a federation hands the optimizer each round (a dual, a perturbation); ``None`` zeroes them."""
+        params = self._all_params()
+        buffers = self._buffers(params, name)
+        if values is None:
+            torch._foreach_zero_(buffers)
+            return
+        values = list(values)
+        if len(values) != len(params):
+            raise ValueError(f"{label}: {len(values)} tensors for {len(params)} parameters")
+        torch._foreach_copy_(buffers, values)
 
     @staticmethod
     def _with_grad(group: dict) -> list[torch.Tensor]:

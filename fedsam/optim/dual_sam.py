@@ -38,23 +38,12 @@ class DualSAM(PerturbThenDescend):
             raise ValueError(f"rho must be >= 0, got {rho}")
         super().__init__(params, base_optimizer, dict(rho=rho), base_kwargs)
 
-    def _all_params(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
     @torch.no_grad()
     def load_duals(self, dual: Iterable[torch.Tensor] | None = None,
                    shift: Iterable[torch.Tensor] | None = None) -> None:
         """Set ``u`` and ``s``, one tensor per parameter in ``param_groups`` order (``None``: zero)."""
-        params = self._all_params()
-        for name, values in (("dual", dual), ("shift", shift)):
-            buffers = self._buffers(params, name)
-            if values is None:
-                torch._foreach_zero_(buffers)
-                continue
-            values = list(values)
-            if len(values) != len(params):
-                raise ValueError(f"{name}: {len(values)} tensors for {len(params)} parameters")
-            torch._foreach_copy_(buffers, values)
+        self._load("dual", dual, "dual")
+        self._load("shift", shift, "shift")
 
     def duals(self) -> list[torch.Tensor]:
         """``u`` now, one tensor per parameter in ``param_groups`` order (zeros before any step)."""

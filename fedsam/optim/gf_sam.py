@@ -25,23 +25,16 @@ class GlobalFlatSAM(SAM):
 
     kappa = 0.0
 
-    def _all_params(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
     @torch.no_grad()
     def load_global(self, point: Iterable[torch.Tensor] | None, kappa: float = 0.0) -> None:
         """Set ``w̃`` (one tensor per parameter in ``param_groups`` order) and ``κ`` in [0, 1];
         ``None`` removes the global point."""
         if not 0 <= kappa <= 1:
             raise ValueError(f"kappa must be in [0, 1], got {kappa}")
-        params = self._all_params()
         if point is None:
             self.kappa = 0.0
             return
-        values = list(point)
-        if len(values) != len(params):
-            raise ValueError(f"global point: {len(values)} tensors for {len(params)} parameters")
-        torch._foreach_copy_(self._buffers(params, "global_point"), values)
+        self._load("global_point", point, "global point")
         self.kappa = float(kappa)
 
     @torch.no_grad()

@@ -26,23 +26,11 @@ class FixedPerturbation(PerturbThenDescend):
         super().__init__(params, base_optimizer, {}, base_kwargs)
         self._loaded = False
 
-    def _all_params(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
     @torch.no_grad()
     def load_perturbation(self, perturbation: Iterable[torch.Tensor] | None) -> None:
         """Set ``ε``, one tensor per parameter in ``param_groups`` order (``None``: no perturbation)."""
-        params = self._all_params()
-        eps = self._buffers(params, "e_w")
-        if perturbation is None:
-            torch._foreach_zero_(eps)
-            self._loaded = False
-            return
-        values = list(perturbation)
-        if len(values) != len(params):
-            raise ValueError(f"perturbation: {len(values)} tensors for {len(params)} parameters")
-        torch._foreach_copy_(eps, values)
-        self._loaded = True
+        self._load("e_w", perturbation, "perturbation")
+        self._loaded = perturbation is not None
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]

@@ -130,9 +130,6 @@ class SparseSAM(PerturbThenDescend):
 
     # -- the mask: client state ------------------------------------------------------------------
 
-    def _all_params(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
     def mask(self) -> list[torch.Tensor]:
         """A copy of the mask (1 = perturbed), one tensor per parameter in ``param_groups`` order."""
         return [m.clone() for m in self._buffers(self._all_params(), "mask")]
