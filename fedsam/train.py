@@ -53,6 +53,8 @@ def _descent_transform(params: list[torch.Tensor], grad_clip: float, momentum: l
     if momentum is None and correction is None and direction_decay == 0 and not grad_clip > 0:
         return None
 
+    weights = [p.detach() for p in params]  # views of w, made once
+
     def transform() -> None:
         grads = [p.grad for p in params]
         if momentum is not None:
@@ -61,7 +63,7 @@ def _descent_transform(params: list[torch.Tensor], grad_clip: float, momentum: l
         if correction is not None:
             torch._foreach_add_(grads, correction)
         if direction_decay != 0:
-            torch._foreach_add_(grads, [p.detach() for p in params], alpha=direction_decay)
+            torch._foreach_add_(grads, weights, alpha=direction_decay)
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
 
