@@ -154,7 +154,7 @@ def round_correction(content: RecordDict, pid: int, start: dict[str, torch.Tenso
     """This client's constant direction term ``b = correction − a·w_{i,0}`` (``a``: ``anchor-pull``,
     FedProx's μ or FedDyn's λ), made once per round, or ``None`` when there is none."""
     correction = on_device(wire.client_record(content, wire.CORRECTION, pid), device)
-    pull = float(content["config"].get("anchor-pull", 0.0))
+    pull = wire.strategy_value(content["config"], "anchor-pull")
     if correction is None and pull == 0:
         return None
     out = {}
@@ -178,7 +178,7 @@ def load_sparse_state(optimizer: SparseSAM, model: torch.nn.Module, content: Rec
     state = None if record is None else record.to_torch_state_dict()
     optimizer.load_mask(None if state is None else [state[n] for n in names])
     epoch = 0 if state is None else int(state[SPARSE_EPOCH])
-    server_round = int(content["config"]["server-round"])
+    server_round = int(content["config"][wire.SERVER_ROUND])
     drop = optimizer.drop_rate_at(server_round - 1) if optimizer.mode == "dynamic" else None
     optimizer.set_epoch(epoch, steps_per_epoch=steps_per_epoch, drop_rate=drop)
     stream = iter(())
@@ -202,11 +202,11 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
     error in one client's training is that client's failure (its reason), not the whole call's: a
     batched cohort that raises is trained again one client at a time to find out whose it is."""
     config = content["config"]
-    device = resolve_device(str(config.get("device", "auto")))
+    device = resolve_device(str(config["device"]))
     dataset = str(config["dataset"])
     data = device_data(dataset, data_dir, str(device))
     parts = client_indices(dataset, data_dir, partition_spec(config), str(device))
-    model = cached_model(str(config["model"]), data.num_classes, str(config.get("norm", "group")), str(device))
+    model = cached_model(str(config["model"]), data.num_classes, str(config["norm"]), str(device))
     shared_start = content["arrays"].to_torch_state_dict()
     own = {pid: record.to_torch_state_dict() for pid in partition_ids
            if (record := content.get(f"arrays.{pid}")) is not None}  # relaxed initialisation's w_{i,0}
@@ -216,14 +216,14 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     corrections = {pid: round_correction(content, pid, starts[pid], names, device) for pid in partition_ids}
     shift = on_device(content.get(wire.GLOBAL_PERTURBATION), device)
-    seeds = {pid: round_seed(int(config["seed"]), int(config["server-round"]), pid) for pid in partition_ids}
-    graph_setting = str(config.get("cuda-graphs", "auto"))  # a plug-in's Python state would freeze in a graph
+    seeds = {pid: round_seed(int(config["seed"]), int(config[wire.SERVER_ROUND]), pid) for pid in partition_ids}
+    graph_setting = str(config["cuda-graphs"])  # a plug-in's Python state would freeze in a graph
     graphs = (use_cuda_graphs(graph_setting, device) and (spec in BUILTIN or graph_setting == "on")
               and spec not in HOST_STEPPED)
-    knobs = dict(grad_clip=float(config.get("grad-clip", 0.0)), global_momentum=momentum,
-                 momentum_alpha=float(config.get("momentum-alpha", 1.0)), cuda_graph=graphs,
-                 direction_decay=float(config.get("direction-decay", 0.0)),
-                 autocast_dtype=autocast_dtype(str(config.get("precision", "auto")), device))
+    knobs = dict(grad_clip=float(config["grad-clip"]), global_momentum=momentum,
+                 momentum_alpha=wire.strategy_value(config, "momentum-alpha"), cuda_graph=graphs,
+                 direction_decay=wire.strategy_value(config, "direction-decay"),
+                 autocast_dtype=autocast_dtype(str(config["precision"]), device))
 
     def batches(pid: int, batch_size: int | None = None, seed: int | None = None) -> DeviceBatches:
         idx = parts[pid]
@@ -235,7 +235,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
     for pid in partition_ids:
         if not 0 <= pid < num_clients:
             raise ValueError(f"partition id {pid} is outside 0..{num_clients - 1}")
-    vectorize = str(config.get("vectorize", "auto"))
+    vectorize = str(config["vectorize"])
     if not own and use_batched(vectorize, spec, model, device, len(partition_ids)):  # one start for all
         try:
             model.load_state_dict(shared_start)
@@ -269,7 +269,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
             point = on_device(content.get(wire.GLOBAL_POINT), device)
             if isinstance(optimizer, GlobalFlatSAM):  # FedGF: the server's w̃ and κ
                 optimizer.load_global(None if point is None else [point[n] for n in names],
-                                      float(config.get("gf-kappa", 0.0)))
+                                      wire.strategy_value(config, "gf-kappa"))
             elif point is not None:
                 raise ValueError(f"the message carries FedGF's global point but optimizer {spec!r} takes none "
                                  "(use gf-sam)")
@@ -299,7 +299,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
-    wire.check_train_config(config.keys())
+    wire.check_train_config(config)
     pid, data_dir = partition_of(context, config)
     if wire.PARTITION_IDS in config:  # a simulation's worker, training a cohort of clients
         cohort = [int(p) for p in config[wire.PARTITION_IDS]]

@@ -1,8 +1,9 @@
-"""The train message's contract: the config keys it may carry, the records beside the model, and
-cohort messages.
+"""The train message's contract: how a run's settings become its config (``train_config``) and
+how a client reads them back (``optimizer_options``, ``strategy_value``), the records beside the
+model, and cohort messages.
 
 A key the ClientApp does not know is refused by name (``check_train_config``), never read as a
-silent default.
+silent default; so is a run setting the message lacks.
 
 Besides ``arrays`` (the global model ``w_t``) and ``config``, a train message may carry vectors
 that shape the client's descent direction (``fedsam.train``), each an ArrayRecord keyed like the
@@ -43,19 +44,40 @@ strategy aggregates, checks for non-finite arrays and records failures client by
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 
-#: Every key a train message's config may carry: the run's settings the ClientApp reads, what the
-#: strategy adds each round, and the cohort's partitions. Anything else is a misspelling.
-TRAIN_CONFIG_KEYS = frozenset({
+from fedsam.optim import portable_spec
+
+if TYPE_CHECKING:  # the settings live with the command line; the wire only reads them
+    from simulations.config import ExperimentConfig
+
+#: The run's settings every train message carries, each under its setting's key (``data_dir`` is
+#: ``data-dir``). ``train_config`` writes them; the ClientApp reads them as they are.
+RUN_KEYS = (
     "dataset", "data-dir", "partition", "num-clients", "dirichlet-alpha", "classes-per-client", "seed",
-    "model", "norm", "optimizer", "rho", "eta", "fgsm-steps", "ascent-momentum", "local-epochs",
-    "batch-size", "lr", "weight-decay", "momentum", "grad-clip", "device", "precision", "vectorize",
-    "cuda-graphs", "server-round", "momentum-alpha", "partition-ids", "extra-weight-decay", "anchor-pull",
-    "direction-decay", "asam-scope", "rounds", "ssam-sparsity", "ssam-update-freq", "ssam-fisher-samples",
-    "ssam-drop-rate", "gf-kappa",
-})
+    "model", "norm", "optimizer", "fgsm-steps", "ascent-momentum", "local-epochs", "batch-size", "lr",
+    "weight-decay", "momentum", "grad-clip", "device", "precision", "vectorize", "cuda-graphs", "asam-scope",
+    "rounds",
+)
+
+#: Optimizer settings a run may leave unset, sent only when set (absent: the optimizer's own default).
+OPTIONAL_KEYS = {"rho": float, "eta": float, "ssam-sparsity": float, "ssam-drop-rate": float,
+                 "ssam-update-freq": int, "ssam-fisher-samples": int}
+
+#: What a strategy adds to a round's config for its client rule (``fedsam.train``), and what a
+#: client assumes when a strategy adds nothing: the plain step.
+STRATEGY_DEFAULTS = {"momentum-alpha": 1.0, "anchor-pull": 0.0, "extra-weight-decay": 0.0,
+                     "direction-decay": 0.0, "gf-kappa": 0.0}
+
+PARTITION_IDS = "partition-ids"
+SERVER_ROUND = "server-round"
+
+#: Every key a train message's config may carry. Anything else is a misspelling.
+TRAIN_CONFIG_KEYS = frozenset(RUN_KEYS) | frozenset(OPTIONAL_KEYS) | frozenset(STRATEGY_DEFAULTS) | {
+    SERVER_ROUND, PARTITION_IDS}
 
 # The records a train message may carry beside "arrays" and "config", and a reply beside "arrays"
 # and "metrics" (see the module docstring).
@@ -67,17 +89,40 @@ PERTURBATION = "perturbation"
 GLOBAL_POINT = "global-point"
 OPTIMIZER_STATE = "optimizer-state"
 
-PARTITION_IDS = "partition-ids"
 COHORT = "cohort"
 CLIENT_FAILED = 1  # Error code of a client that failed inside a cohort
 
 
-def check_train_config(keys: Iterable[str]) -> None:
-    """A misspelt key would silently fall back to a default on the client: refuse it, by name."""
-    unknown = sorted(set(keys) - TRAIN_CONFIG_KEYS)
+def train_config(run: ExperimentConfig) -> ConfigRecord:
+    """What every train message of a run carries (``RUN_KEYS``, and the ``OPTIONAL_KEYS`` that are
+    set); the strategy adds the round number, the round's lr and its own keys. The data folder goes
+    as an absolute path and a plug-in optimizer as a spec any process can import."""
+    values: dict[str, Any] = {key: getattr(run, key.replace("-", "_")) for key in RUN_KEYS}
+    values["data-dir"] = str(Path(run.data_dir).expanduser().resolve())
+    values["optimizer"] = portable_spec(run.optimizer)
+    for key, kind in OPTIONAL_KEYS.items():
+        value = getattr(run, key.replace("-", "_"))
+        if value is not None:
+            values[key] = kind(value)
+    return ConfigRecord(values)
+
+
+def check_train_config(config: ConfigRecord) -> None:
+    """A misspelt key would silently fall back to a default on the client, and a missing one
+    fail deep inside training: refuse either, by name."""
+    unknown = sorted(set(config.keys()) - TRAIN_CONFIG_KEYS)
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r} in the train message's config "
                          f"(known: {', '.join(sorted(TRAIN_CONFIG_KEYS))})")
+    missing = [key for key in (*RUN_KEYS, SERVER_ROUND) if key not in config]
+    if missing:
+        raise ValueError(f"the train message's config lacks {missing[0]!r} (a message built with "
+                         "fedsam.wire.train_config carries every run setting)")
+
+
+def strategy_value(config: ConfigRecord, key: str) -> float:
+    """A strategy's key for the client rule, or the plain step's value when the round has none."""
+    return float(config.get(key, STRATEGY_DEFAULTS[key]))
 
 
 def optimizer_options(config: ConfigRecord, partition_id: int) -> dict:
@@ -85,15 +130,15 @@ def optimizer_options(config: ConfigRecord, partition_id: int) -> dict:
     passes on to a factory that names them (the server builds its check optimizer from them too)."""
     return {
         "partition_id": partition_id,
-        "server_round": int(config["server-round"]),
+        "server_round": int(config[SERVER_ROUND]),
         "lr": float(config["lr"]),
-        "momentum": float(config.get("momentum", 0.0)),
-        "weight_decay": float(config.get("weight-decay", 0.0)) + float(config.get("extra-weight-decay", 0.0)),
+        "momentum": float(config["momentum"]),
+        "weight_decay": float(config["weight-decay"]) + strategy_value(config, "extra-weight-decay"),
         "rho": config.get("rho"),
         "eta": config.get("eta"),
         "steps": config.get("fgsm-steps"),
         "ascent_momentum": config.get("ascent-momentum"),
-        "asam_scope": str(config.get("asam-scope", "reference")),  # the reference code's choice
+        "asam_scope": str(config["asam-scope"]),
         "sparsity": config.get("ssam-sparsity"),
         "update_freq": config.get("ssam-update-freq"),
         "num_samples": config.get("ssam-fisher-samples"),

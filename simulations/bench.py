@@ -179,7 +179,7 @@ def plain_loop(cfg, data, rounds: int) -> list[float]:
     """The same client work as ``fedsam run``, without Flower or Ray: per round, each sampled
     client trains on its partition with the same seeds, then an example-weighted average."""
     from fedsam.client_app import client_indices, device_data, local_optimizer
-    from fedsam.wire import optimizer_options
+    from fedsam import wire
     from fedsam.runtime import round_seed
     from fedsam.train import evaluate
     from strategies import ClientSampler
@@ -192,16 +192,17 @@ def plain_loop(cfg, data, rounds: int) -> list[float]:
     worker = build_model(cfg.model, dd.num_classes, cfg.norm).to(device)
     sampler = ClientSampler(cfg.num_clients, cfg.clients_per_round, cfg.seed, cfg.client_sampling)
     test = DeviceBatches(data.test_images.to(device), data.test_labels.to(device), 1000, mean=dd.mean, std=dd.std)
+    config = wire.train_config(cfg)  # what a client of `fedsam run` reads; the lr does not decay here
     seconds = []
     for rnd in range(1, rounds + 1):
         start = time.perf_counter()
+        config[wire.SERVER_ROUND] = rnd
         states, weights = [], []
         for pid in sampler.sample(rnd):
             seed = round_seed(cfg.seed, rnd, pid)
             torch.manual_seed(seed)
             worker.load_state_dict(global_model.state_dict())
-            config = {"server-round": rnd, "lr": cfg.lr, "momentum": cfg.momentum, "weight-decay": cfg.weight_decay}
-            optimizer = local_optimizer(worker, cfg.optimizer, optimizer_options(config, pid))
+            optimizer = local_optimizer(worker, cfg.optimizer, wire.optimizer_options(config, pid))
             idx = parts[pid]
             batches = DeviceBatches(dd.images[idx], dd.labels[idx], cfg.batch_size, mean=dd.mean, std=dd.std,
                                     augment=True, shuffle=True, seed=seed)

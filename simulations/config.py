@@ -250,11 +250,15 @@ def _field_types() -> dict[str, Any]:
 
 FIELD_TYPES = _field_types()
 
+#: Settings whose default is "unset" (the strategy's optimizer, the optimizer's own ρ, ...). TOML
+#: has no null, so ``""`` says unset in a TOML file and in ``flwr run``'s run config.
+UNSET_BY_DEFAULT = frozenset(f.name for f in dataclasses.fields(ExperimentConfig) if f.default is None)
+
 
 def coerce(name: str, value: Any, source: str) -> Any:
     """``value`` as the type the field wants, or ``ConfigError`` naming the source."""
     want = FIELD_TYPES[name]
-    if value is None:
+    if value is None or (value == "" and name in UNSET_BY_DEFAULT):
         return None
     try:
         if want is bool:

@@ -17,13 +17,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from fedsam.wire import optimizer_options
+from fedsam import wire
 from fedsam.runtime import autocast_dtype, resolve_device
 from fedsam.data import DataError, DeviceBatches, ImageDataset, Partition, PartitionError, load, make_partition
 from fedsam.data import partition_record, summarize, write_partition_json
 from fedsam.cohort import batchable
 from fedsam.models import build_model
-from fedsam.optim import FEDGF_RHO, OptimizerSpecError, build, portable_spec
+from fedsam.optim import FEDGF_RHO, OptimizerSpecError, build
 from fedsam.sharpness import evaluation_subset, model_sharpness
 from fedsam.train import Evaluation, evaluate
 from simulations import checkpoint
@@ -32,7 +32,7 @@ from simulations.config import ConfigError, ExperimentConfig
 from simulations import results
 from simulations.results import RunRecorder, holds_a_run
 from strategies import (FedAdam, FedAvg, FedAvgM, FedCM, FedDyn, FedGAMMA, FedGF, FedGloSS, FedLESAM, FedLESAMD,
-                        FedLESAMS, FedProx, FedSAM, FedSMOO, FedSpeed, MoFedSAM, NodeSetupError, Scaffold)
+                        FedLESAMS, FedProx, FedSAM, FedSMOO, FedSpeed, MoFedSAM, NodeSetupError, RoundReport, Scaffold)
 from strategies.fedgloss import GLOSS_RHO
 from strategies.swa import SWA
 
@@ -77,10 +77,10 @@ def check(cfg: ExperimentConfig, out: Path | None = None, data: ImageDataset | N
     except (DataError, PartitionError) as exc:
         raise ConfigError(str(exc)) from None
     try:
-        message_config = client_config(cfg)  # build the optimizer exactly as a client will
-        message_config["server-round"] = 1
+        message_config = wire.train_config(cfg)  # build the optimizer exactly as a client will
+        message_config[wire.SERVER_ROUND] = 1
         probe = build_model(cfg.model, data.num_classes, cfg.norm)
-        build(cfg.optimizer, probe.parameters(), **optimizer_options(message_config, 0))
+        build(cfg.optimizer, probe.parameters(), **wire.optimizer_options(message_config, 0))
     except OptimizerSpecError as exc:
         raise ConfigError(str(exc)) from None
     flower = logging.getLogger("flwr")  # Flower's strategies log their setup; this is only a check
@@ -93,29 +93,6 @@ def check(cfg: ExperimentConfig, out: Path | None = None, data: ImageDataset | N
     finally:
         flower.setLevel(level)
     return Checked(cfg, data, partition)
-
-
-def client_config(cfg: ExperimentConfig) -> ConfigRecord:
-    """What every train message carries; the strategy adds the round number and the round's lr."""
-    values: dict[str, Any] = {
-        "dataset": cfg.dataset, "data-dir": str(Path(cfg.data_dir).expanduser().resolve()),
-        "partition": cfg.partition, "num-clients": cfg.num_clients, "dirichlet-alpha": cfg.dirichlet_alpha,
-        "classes-per-client": cfg.classes_per_client, "seed": cfg.seed, "model": cfg.model, "norm": cfg.norm,
-        "optimizer": portable_spec(cfg.optimizer), "fgsm-steps": cfg.fgsm_steps,
-        "ascent-momentum": cfg.ascent_momentum, "local-epochs": cfg.local_epochs, "batch-size": cfg.batch_size,
-        "lr": cfg.lr, "weight-decay": cfg.weight_decay, "momentum": cfg.momentum, "grad-clip": cfg.grad_clip,
-        "device": cfg.device, "precision": cfg.precision, "vectorize": cfg.vectorize, "cuda-graphs": cfg.cuda_graphs,
-        "asam-scope": cfg.asam_scope,
-    }
-    values["rounds"] = cfg.rounds
-    for name, value in (("rho", cfg.rho), ("eta", cfg.eta), ("ssam-sparsity", cfg.ssam_sparsity),
-                        ("ssam-drop-rate", cfg.ssam_drop_rate)):
-        if value is not None:
-            values[name] = float(value)
-    for name, value in (("ssam-update-freq", cfg.ssam_update_freq), ("ssam-fisher-samples", cfg.ssam_fisher_samples)):
-        if value is not None:
-            values[name] = int(value)
-    return ConfigRecord(values)
 
 
 def trains_batched(cfg: ExperimentConfig) -> bool:
@@ -270,17 +247,16 @@ def _finite(arrays: ArrayRecord) -> bool:
 
 
 def _play_round(rnd: int, strategy, grid: Grid, arrays: ArrayRecord, train_config: ConfigRecord,
-                cfg: ExperimentConfig) -> tuple[ArrayRecord | None, Any, list[dict[str, Any]], int]:
-    """Sample, train, aggregate: the new global arrays, the aggregated metrics, the failures, the cohort size."""
+                cfg: ExperimentConfig) -> tuple[ArrayRecord | None, Any, RoundReport, list[dict[str, Any]]]:
+    """Sample, train, aggregate: the new global arrays, the aggregated metrics, the strategy's
+    account of the round, and its failures as ``metrics.jsonl`` records them."""
     messages = list(strategy.configure_train(rnd, arrays, train_config, grid))
     replies = list(grid.send_and_receive(messages, timeout=cfg.client_timeout))
     new_arrays, metrics = strategy.aggregate_train(rnd, replies)
-    failures = [{"client": pid, "reason": reason} for pid, reason in strategy.failures]
-    sent = strategy.sent_partitions()
-    for pid in sent:
-        if pid not in strategy.answered:
-            failures.append({"client": pid, "reason": f"no reply within {cfg.client_timeout:g} s"})
-    return new_arrays, metrics, sorted(failures, key=lambda f: f["client"]), len(sent)
+    report = strategy.round_report()
+    failures = [{"client": pid, "reason": reason} for pid, reason in report.failed]
+    failures += [{"client": pid, "reason": f"no reply within {cfg.client_timeout:g} s"} for pid in report.silent]
+    return new_arrays, metrics, report, sorted(failures, key=lambda f: f["client"])
 
 
 def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageDataset | None = None,
@@ -309,7 +285,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
     if cfg.sharpness_every:
         probe = SharpnessProbe(build_model(cfg.model, data.num_classes, cfg.norm), data, device,
                                cfg.sharpness_samples, cfg.seed)
-    train_config = client_config(cfg)
+    train_config = wire.train_config(cfg)
     first, earlier_seconds, records, saved_round = 1, 0.0, [], None
     if resume is not None:
         arrays = ArrayRecord(dict(resume["arrays"]))
@@ -337,9 +313,10 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
         round_start = time.monotonic()
         before = strategy.checkpoint_state(), torch.get_rng_state()  # the last good state, if a worker dies
         try:
-            new_arrays, metrics, failures, cohort = _play_round(rnd, strategy, grid, arrays, train_config, cfg)
+            new_arrays, metrics, report, failures = _play_round(rnd, strategy, grid, arrays, train_config, cfg)
         except NodeSetupError as exc:
             raise RunFailed(f"round {rnd}, before training: {exc}") from None
+        cohort = len(report.sent)
         dead = next((f for f in failures if worker_died(f["reason"])), None)
         if dead is not None:  # Flower's engine never replaces it: every later round would lose its clients
             if rnd > 1 and saved_round != rnd - 1:
@@ -362,7 +339,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
             "round": rnd,
             "clients": cohort,
             "failed_clients": len(failures),
-            "lr": strategy.round_lr,
+            "lr": report.lr,
             "train_loss": float(metrics["train-loss"]),
             "train_accuracy": float(metrics["train-accuracy"]),
             "local_steps": int(metrics["num-steps"]),

@@ -5,7 +5,7 @@ FedGloSS), and
 server-side SWA for any of them."""
 
 from .fedadam import FedAdam
-from .fedavg import ClientUpdate, FedAvg, SeededRounds
+from .fedavg import ClientUpdate, FedAvg, RoundReport, SeededRounds
 from .fedavgm import FedAvgM
 from .fedcm import FedCM
 from .fedgf import FedGF
@@ -21,4 +21,4 @@ from .swa import SWA
 
 __all__ = ["ClientSampler", "ClientUpdate", "FedAdam", "FedAvg", "FedAvgM", "FedCM", "FedDyn", "FedGAMMA",
            "FedGF", "FedGloSS", "FedLESAM", "FedLESAMD", "FedLESAMS", "FedProx", "FedSAM", "FedSMOO", "FedSpeed", "MoFedSAM",
-           "NodeSetupError", "SWA", "Scaffold", "SeededRounds", "query_partition_ids"]
+           "NodeSetupError", "RoundReport", "SWA", "Scaffold", "SeededRounds", "query_partition_ids"]

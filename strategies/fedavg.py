@@ -63,6 +63,19 @@ class ClientUpdate:
                        metadata=self.reply.metadata)
 
 
+@dataclass(frozen=True)
+class RoundReport:
+    """What the strategy decided in its last round, for whoever drives it to record: the local lr
+    it sent, every client it sent a message to, those that failed (an error, non-finite arrays)
+    and those that never answered (their reason is the driver's: it knows its timeout)."""
+
+    server_round: int
+    lr: float | None
+    sent: tuple[int, ...]
+    failed: tuple[tuple[int, str], ...]
+    silent: tuple[int, ...]
+
+
 def _is_finite(record: ArrayRecord) -> bool:
     return all(np.isfinite(a.numpy()).all() for a in record.values() if np.issubdtype(np.dtype(a.dtype), np.inexact))
 
@@ -94,13 +107,14 @@ class SeededRounds:
         self.lr_decay = lr_decay
         self.query_timeout = query_timeout
         self.node_of: dict[int, int] | None = None  # partition id -> node id, asked once
-        self.partition_of_node: dict[int, int] = {}
+        self._partition_of_node: dict[int, int] = {}
         self.current_arrays: ArrayRecord | None = None
         self.sent_model: ArrayRecord | None = None
+        self.server_round = 0
         self.round_lr: float | None = None
-        self.failures: list[tuple[int, str]] = []  # (partition id, reason) of the last round
+        self._failures: list[tuple[int, str]] = []  # (partition id, reason) of the last round
         self.sent: dict[int, list[int]] = {}  # node id -> the partitions its message of this round trains
-        self.answered: set[int] = set()  # partitions of this round that replied, successfully or not
+        self._answered: set[int] = set()  # partitions of this round that replied, successfully or not
 
     def checkpoint_state(self) -> dict[str, Any]:
         """What must survive a restart besides the global model (sampling and the lr schedule are
@@ -154,7 +168,7 @@ class SeededRounds:
             wanted = self.sampler.num_clients
             node_ids = _wait_for_nodes(grid, wanted, self.query_timeout)
             self.node_of = query_partition_ids(grid, node_ids, self.query_timeout, wanted)
-            self.partition_of_node = {node: pid for pid, node in self.node_of.items()}
+            self._partition_of_node = {node: pid for pid, node in self.node_of.items()}
             missing = sorted(set(range(wanted)) - set(self.node_of))
             if missing:
                 raise NodeSetupError(f"no node holds partition ids {missing[:10]} (expected 0..{wanted - 1})")
@@ -163,7 +177,8 @@ class SeededRounds:
     def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         """The config sent this round: the caller's, plus the round number and its local lr."""
         out = ConfigRecord(dict(config))
-        out["server-round"] = server_round
+        out[wire.SERVER_ROUND] = server_round
+        self.server_round = server_round
         if "lr" in config:
             self.round_lr = self.local_lr(server_round, float(config["lr"]))
             out["lr"] = self.round_lr
@@ -226,6 +241,16 @@ class SeededRounds:
         """Every client sent a message this round, in partition order."""
         return sorted(pid for cohort in self.sent.values() for pid in cohort)
 
+    def partition_id(self, node_id: int) -> int:
+        """The partition node ``node_id`` holds (asked once, at the first round)."""
+        return self._partition_of_node[node_id]
+
+    def round_report(self) -> RoundReport:
+        """The last round as the strategy saw it (after ``aggregate_train``)."""
+        sent = self.sent_partitions()
+        return RoundReport(self.server_round, self.round_lr, tuple(sent), tuple(self._failures),
+                           tuple(pid for pid in sent if pid not in self._answered))
+
     def client_replies(self, replies: Iterable[Message]) -> list[tuple[int, Message]]:
         """``(partition id, reply)`` per client sent this round, in partition order: cohort replies
         unpacked; a cohort that failed as a whole, or answered without its clients' results,
@@ -248,18 +273,18 @@ class SeededRounds:
 
     def usable_replies(self, replies: Iterable[Message]) -> list[tuple[int, Message]]:
         """``(partition id, reply)`` of the clients whose replies carry finite arrays, in partition
-        order; the rest go to ``self.failures`` (a failed client's state stays as it was)."""
-        usable, self.failures = [], []
+        order; the rest are the round's failures (``round_report``; a failed client's state stays as it was)."""
+        usable, self._failures = [], []
         pairs = self.client_replies(replies)
-        self.answered = {pid for pid, _ in pairs}
+        self._answered = {pid for pid, _ in pairs}
         for pid, reply in pairs:
             if reply.has_error():  # one line: Flower and Ray wrap the client's message in pages of detail
-                self.failures.append((pid, short_reason(reply.error.reason) or f"error code {reply.error.code}"))
+                self._failures.append((pid, short_reason(reply.error.reason) or f"error code {reply.error.code}"))
             elif not all(_is_finite(r) for r in reply.content.array_records.values()):
-                self.failures.append((pid, "non-finite values in the returned arrays"))
+                self._failures.append((pid, "non-finite values in the returned arrays"))
             else:
                 usable.append((pid, reply))
-        for pid, reason in self.failures:
+        for pid, reason in self._failures:
             log(WARNING, "client %d failed: %s", pid, reason)
         return usable
 

@@ -12,14 +12,14 @@ from fedsam.runtime import round_seed
 from fedsam.data import PartitionSpec, load, make_partition
 from fedsam.models import build_model
 from simulations.config import ExperimentConfig
-from simulations.experiment import client_config
+from fedsam.wire import train_config
 from tests.inprocess import ensure_task_identity
 
 
 def _config(cifar10_dir, **overrides) -> ConfigRecord:
     cfg = ExperimentConfig(data_dir=str(cifar10_dir), num_clients=4, partition="dirichlet", dirichlet_alpha=0.5,
                            batch_size=32, local_epochs=2, device="cpu", **overrides).resolved()
-    record = client_config(cfg)
+    record = train_config(cfg)
     record["server-round"] = 3
     return record
 
@@ -105,6 +105,23 @@ def test_a_misspelt_key_in_a_train_message_is_an_error_that_names_it(cifar10_dir
     config["weight-decy"] = 5e-4
     with pytest.raises(ValueError, match="unknown key 'weight-decy'"):  # Flower sends it back as the error reply
         app(_message(config, build_model("cnn", 10)), _context(1))
+
+
+def test_a_run_setting_missing_from_a_train_message_is_an_error_that_names_it(cifar10_dir):
+    config = _config(cifar10_dir)
+    del config["grad-clip"]
+    with pytest.raises(ValueError, match="lacks 'grad-clip'"):
+        app(_message(config, build_model("cnn", 10)), _context(1))
+
+
+def test_the_wire_carries_every_run_setting_and_only_the_optional_ones_that_are_set(cifar10_dir):
+    from fedsam import wire
+
+    plain = _config(cifar10_dir, strategy="fedavg")
+    assert set(wire.RUN_KEYS) <= set(plain.keys()) and not set(wire.OPTIONAL_KEYS) & set(plain.keys())
+    tuned = _config(cifar10_dir, strategy="fedsam", eta=0.1, ssam_update_freq=3)
+    assert tuned["rho"] == 0.1 and tuned["eta"] == 0.1 and tuned["ssam-update-freq"] == 3
+    assert tuned["data-dir"] == str(cifar10_dir.resolve())
 
 
 def test_every_key_the_server_sends_is_one_the_client_knows(cifar10_dir):

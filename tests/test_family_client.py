@@ -83,12 +83,12 @@ def flat_losses(batches):
 def run_client(spec: str, config: dict, records: dict[str, torch.Tensor], *, clip: float,
                batches=BATCHES, norms: list | None = None) -> dict[str, torch.Tensor]:
     """One client round through the ClientApp's own pieces; ``norms`` collects ‖d‖ before each clip."""
-    content = RecordDict({"config": ConfigRecord({"lr": LR, "weight-decay": WD, "server-round": 1,
-                                                  "grad-clip": clip, **config}),
+    content = RecordDict({"config": ConfigRecord({"lr": LR, "weight-decay": WD, "server-round": 1, "momentum": 0.0,
+                                                  "asam-scope": "reference", "grad-clip": clip, **config}),
                           "arrays": ArrayRecord(unflat(W0)),
                           **{k: ArrayRecord(unflat(v)) for k, v in records.items()}})
     config = content["config"]
-    wire.check_train_config(config.keys())
+    assert set(config.keys()) <= wire.TRAIN_CONFIG_KEYS
     start = content["arrays"].to_torch_state_dict()
     model = make_model()
     model.load_state_dict(start)
@@ -107,11 +107,11 @@ def run_client(spec: str, config: dict, records: dict[str, torch.Tensor], *, cli
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
-        train_locally(model, optimizer, batches, 1, grad_clip=float(config.get("grad-clip", 0.0)),
+        train_locally(model, optimizer, batches, 1, grad_clip=float(config["grad-clip"]),
                       global_momentum=on_device(content.get(wire.MOMENTUM), CPU),
-                      momentum_alpha=float(config.get("momentum-alpha", 1.0)),
+                      momentum_alpha=wire.strategy_value(config, "momentum-alpha"),
                       correction=round_correction(content, PID, start, NAMES, CPU),
-                      direction_decay=float(config.get("direction-decay", 0.0)))
+                      direction_decay=wire.strategy_value(config, "direction-decay"))
     out = {"w": flat(model.parameters())}
     if isinstance(optimizer, DualSAM):
         out["u"] = flat(optimizer.duals())

@@ -20,9 +20,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-NOT_IN_RUN_CONFIG = {"download", "num-cpus-per-client", "num-gpus-per-client", "ray-num-cpus", "ray-address",
-                     "optimizer", "rho", "eta", "ssam-sparsity", "ssam-update-freq", "ssam-fisher-samples",
-                     "ssam-drop-rate"}
+#: Ray's settings: under ``flwr run`` the federation config (``--federation-config``) owns them.
+NOT_IN_RUN_CONFIG = {"num-cpus-per-client", "num-gpus-per-client", "ray-num-cpus", "ray-address"}
 
 
 def _pyproject():
@@ -32,8 +31,30 @@ def _pyproject():
 def test_the_app_components_and_run_config_match_the_experiment_config():
     flwr = _pyproject()["tool"]["flwr"]["app"]
     assert flwr["components"] == {"serverapp": "simulations.server_app:app", "clientapp": "fedsam.client_app:app"}
-    defaults = {k: v for k, v in ExperimentConfig().to_dict().items() if k not in NOT_IN_RUN_CONFIG}
+    defaults = {k: "" if v is None else v for k, v in ExperimentConfig().to_dict().items()
+                if k not in NOT_IN_RUN_CONFIG}  # "" is unset: TOML has no null
     assert flwr["config"] == defaults
+
+
+def test_every_setting_flwr_users_may_change_is_in_the_run_config_and_its_unset_values_read_as_defaults():
+    """Flower refuses a ``--run-config`` key the app's config does not declare, so a setting left
+    out of ``[tool.flwr.app.config]`` could never be set through ``flwr run``."""
+    from simulations import config as configuration
+
+    declared = _pyproject()["tool"]["flwr"]["app"]["config"]
+    assert configuration.apply(ExperimentConfig(), declared, "run config") == ExperimentConfig()
+    chosen = configuration.apply(ExperimentConfig(), {**declared, "optimizer": "asam", "rho": 0.5, "eta": 0.01},
+                                 "run config")
+    assert (chosen.optimizer, chosen.rho, chosen.eta, chosen.ssam_sparsity) == ("asam", 0.5, 0.01, None)
+
+
+def test_a_misspelt_run_config_key_that_reaches_the_server_app_fails_in_one_line_naming_it(tmp_path):
+    from simulations import config as configuration
+
+    declared = _pyproject()["tool"]["flwr"]["app"]["config"]
+    with pytest.raises(configuration.ConfigError, match="^run config: unknown setting 'rhoo'$"):
+        server_app(grid=InProcessGrid(client_app, 1), context=Context(
+            run_id=9, node_id=0, node_config={}, state=RecordDict(), run_config={**declared, "rhoo": 0.1}))
 
 
 def test_the_server_app_runs_an_experiment_from_the_run_config(cifar10_dir, tmp_path):
@@ -59,7 +80,7 @@ def test_a_strategy_runs_under_flowers_own_start_in_a_plain_server_app(cifar10_d
     import strategies
     from fedsam.models import build_model
     from simulations import config as configuration
-    from simulations.experiment import client_config
+    from fedsam.wire import train_config
 
     cfg = configuration.apply(configuration.ExperimentConfig(), {
         "data_dir": str(cifar10_dir), "num_clients": 3, "clients_per_round": 2, "device": "cpu",
@@ -69,7 +90,7 @@ def test_a_strategy_runs_under_flowers_own_start_in_a_plain_server_app(cifar10_d
     start = ArrayRecord(build_model(cfg.model, 10).state_dict())
     strategy = getattr(strategies, name)(3, 2, seed=1)
     result = strategy.start(grid=InProcessGrid(client_app, 3), initial_arrays=start, num_rounds=2,
-                            train_config=client_config(cfg))
+                            train_config=train_config(cfg))
     final = result.arrays
     assert set(result.train_metrics_clientapp) == {1, 2}
     assert all(np.isfinite(final[k].numpy()).all() for k in final.keys())

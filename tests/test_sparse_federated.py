@@ -12,7 +12,8 @@ from fedsam import wire
 from fedsam.client_app import SPARSE_EPOCH, app
 from fedsam.models import build_model
 from simulations import config as configuration
-from simulations.experiment import build_strategy, client_config
+from fedsam.wire import train_config
+from simulations.experiment import build_strategy
 from tests.inprocess import InProcessGrid
 
 
@@ -33,7 +34,7 @@ def test_each_client_gets_its_own_mask_back_and_its_epochs_count_on(cifar10_dir,
     model = build_model(cfg.model, 10)
     strategy = build_strategy(cfg, [n for n, _ in model.named_parameters()])
     grid = InProcessGrid(app, cfg.num_clients)
-    arrays, train = ArrayRecord(model.state_dict()), client_config(cfg)
+    arrays, train = ArrayRecord(model.state_dict()), train_config(cfg)
     returned = {}
     size = sum(p.numel() for p in model.parameters())
     for rnd in (1, 2, 3):
@@ -48,7 +49,7 @@ def test_each_client_gets_its_own_mask_back_and_its_epochs_count_on(cifar10_dir,
                 assert sent is None
         replies = grid.send_and_receive(messages)
         for reply in replies:
-            pid = strategy.partition_of_node[reply.metadata.src_node_id]
+            pid = strategy.partition_id(reply.metadata.src_node_id)
             state = reply.content[wire.OPTIMIZER_STATE].to_torch_state_dict()
             returned[pid] = state
             live = sum(int(v.sum()) for k, v in state.items() if k != SPARSE_EPOCH)

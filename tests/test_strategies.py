@@ -196,7 +196,7 @@ def test_failed_and_non_finite_clients_are_left_out_and_recorded():
     strategy = FedAvg(4, 4)
     w0 = _start()
     new, metrics, _ = _one_round(strategy, clients, w0)
-    reasons = dict(strategy.failures)
+    reasons = dict(strategy.round_report().failed)
     assert set(reasons) == {1, 2} and "crashed" in reasons[1] and "non-finite" in reasons[2]
     good = [0, 3]
     n = np.array([clients.n[p] for p in good], dtype=np.float64)

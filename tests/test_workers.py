@@ -19,7 +19,7 @@ from fedsam.models import build_model
 from fedsam.optim import build
 from fedsam.train import train_locally
 from simulations import config as configuration
-from simulations.experiment import client_config
+from fedsam.wire import train_config
 from strategies import FedAvg, MoFedSAM
 from tests.inprocess import InProcessGrid, run_inprocess
 
@@ -34,7 +34,7 @@ def _round(strategy, cfg, vectorize="auto", rnd=1):
     torch.manual_seed(0)
     model = build_model(cfg.model, 10)
     arrays = ArrayRecord(model.state_dict())
-    config = client_config(cfg)
+    config = train_config(cfg)
     config["vectorize"] = vectorize
     grid = InProcessGrid(app, cfg.num_clients)
     messages = list(strategy.configure_train(rnd, arrays, config, grid))
@@ -89,11 +89,12 @@ def test_a_failing_client_in_a_cohort_fails_alone(cifar10_dir, monkeypatch):
     cfg = _config(cifar10_dir, clients_per_round=6, optimizer="tests.plugins.faulty:flaky")
     strategy = FedAvg(6, 6, workers=2)
     messages, new, metrics = _round(strategy, cfg)
-    reasons = dict(strategy.failures)
+    reasons = dict(strategy.round_report().failed)
     assert set(reasons) == {1, 3}
     assert "out of memory" in reasons[1] and "non-finite" in reasons[3]
     assert metrics["num-clients"] == 4 and new is not None
-    assert strategy.sent_partitions() == list(range(6)) and strategy.answered == set(range(6))
+    report = strategy.round_report()
+    assert report.sent == tuple(range(6)) and report.silent == ()
 
 
 class NanAboveThreshold(nn.Module):
@@ -202,7 +203,7 @@ def test_the_server_takes_from_a_cohort_reply_only_the_clients_it_sent(cifar10_d
     grid = InProcessGrid(app, 6)
     torch.manual_seed(0)
     arrays = ArrayRecord(build_model(cfg.model, 10).state_dict())
-    (message,) = strategy.configure_train(1, arrays, client_config(cfg), grid)
+    (message,) = strategy.configure_train(1, arrays, train_config(cfg), grid)
     cohort = list(message.content["config"][wire.PARTITION_IDS])
     metrics = MetricRecord({"num-examples": 10, "num-steps": 1, "train-loss": 1.0, "train-accuracy": 0.5, "seconds": 0.1})
     foreign = next(p for p in range(6) if p not in cohort)
