@@ -73,6 +73,24 @@ class PerturbThenDescend(torch.optim.Optimizer):
         self._perturbed.extend(params)
         return old
 
+    def _gradients_aside(self) -> list[tuple[dict, list[torch.Tensor], list[torch.Tensor]]]:
+        """Per group with gradients: ``w`` set aside (``_remember``) and its scratch ``e_w`` holding a
+        copy of ``g``, for a subclass to shape into its ε."""
+        out = []
+        for group in self.param_groups:
+            params = self._with_grad(group)
+            if params:
+                self._remember(params)
+                eps = self._buffers(params, "e_w")
+                torch._foreach_copy_(eps, [p.grad for p in params])
+                out.append((group, params, eps))
+        return out
+
+    @staticmethod
+    def _joint_norm(tensor_lists: list[list[torch.Tensor]]) -> torch.Tensor:
+        """One L2 norm over every tensor of every list, left on the device (no host sync)."""
+        return torch.stack([torch.stack(torch._foreach_norm(ts)).square().sum() for ts in tensor_lists]).sum().sqrt()
+
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore ``w`` exactly and take the base step with the gradient at ``w + ε``."""

@@ -52,22 +52,15 @@ class DualSAM(PerturbThenDescend):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move from ``w`` to ``w + ε`` (ε from ``g − u − s``) and update ``u``."""
-        pending, sq_norms = [], []
-        for group in self.param_groups:
-            params = self._with_grad(group)
-            if not params:
-                continue
-            self._remember(params)
-            eps = self._buffers(params, "e_w")
+        pending = []
+        for group, params, eps in self._gradients_aside():
             dual, shift = self._buffers(params, "dual"), self._buffers(params, "shift")
-            torch._foreach_copy_(eps, [p.grad for p in params])
             torch._foreach_sub_(eps, dual)
             torch._foreach_sub_(eps, shift)  # ĝ = g − u − s
-            sq_norms.append(torch.stack(torch._foreach_norm(eps)).square().sum())
             pending.append((group, params, eps, dual, shift))
         if not pending:
             return
-        norm = torch.stack(sq_norms).sum().sqrt()
+        norm = self._joint_norm([eps for _, _, eps, _, _ in pending])
         for group, params, eps, dual, shift in pending:
             torch._foreach_mul_(eps, group["rho"] / (norm + XI))
             torch._foreach_add_(dual, eps)

@@ -53,14 +53,7 @@ class SAM(PerturbThenDescend):
     def first_step(self, zero_grad: bool = False) -> None:
         """Move from ``w`` to ``w + ε`` using the gradients now in ``p.grad``."""
         pending = []
-        sq_norms = []
-        for group in self.param_groups:
-            params = self._with_grad(group)
-            if not params:
-                continue
-            self._remember(params)
-            eps = self._buffers(params, "e_w")
-            torch._foreach_copy_(eps, [p.grad for p in params])
+        for group, params, eps in self._gradients_aside():
             weights, scale = [], []
             scaled = group.get("scaled")
             if group["adaptive"]:
@@ -69,12 +62,11 @@ class SAM(PerturbThenDescend):
                 scale = torch._foreach_abs([params[i] for i in weights])
                 torch._foreach_add_(scale, group["eta"])
                 torch._foreach_mul_([eps[i] for i in weights], scale)  # e_w = T g
-            sq_norms.append(torch.stack(torch._foreach_norm(eps)).square().sum())
             pending.append((group, params, eps, weights, scale))
 
         if not pending:
             return
-        norm = torch.stack(sq_norms).sum().sqrt()
+        norm = self._joint_norm([eps for _, _, eps, _, _ in pending])
         for group, params, eps, weights, scale in pending:
             if weights:
                 torch._foreach_mul_([eps[i] for i in weights], scale)  # e_w = T² g

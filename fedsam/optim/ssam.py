@@ -281,21 +281,13 @@ class SparseSAM(PerturbThenDescend):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move from ``w`` to ``w + ε`` with the masked perturbation, from the gradients in ``p.grad``."""
-        pending, sq_norms = [], []
-        for group in self.param_groups:
-            params = self._with_grad(group)
-            if not params:
-                continue
-            self._remember(params)
-            eps = self._buffers(params, "e_w")
-            torch._foreach_copy_(eps, [p.grad for p in params])
-            if self.norm == "masked":
+        pending = self._gradients_aside()
+        if self.norm == "masked":
+            for _, params, eps in pending:
                 torch._foreach_mul_(eps, self._buffers(params, "mask"))
-            sq_norms.append(torch.stack(torch._foreach_norm(eps)).square().sum())
-            pending.append((group, params, eps))
         if not pending:
             return
-        norm = torch.stack(sq_norms).sum().sqrt()
+        norm = self._joint_norm([eps for _, _, eps in pending])
         for group, params, eps in pending:
             if self.norm == "full":
                 torch._foreach_mul_(eps, self._buffers(params, "mask"))  # after the norm of the full g
