@@ -9,90 +9,28 @@ correction, FedSMOO's duals). The node's partition id comes from
 Simulation Engine otherwise); ``data-dir`` in the node config overrides the message's, for
 nodes that keep the data elsewhere.
 
-Each worker process keeps, across rounds and clients: the dataset on the training device, the
-partition (every process derives the same one from the dataset, scheme, parameters and seed),
-and one model per architecture. A round then costs a gather of the client's images, a
-``load_state_dict`` and the training itself.
+What a worker process keeps across rounds and clients (data, partition, models, optimizers) is
+``fedsam.worker``'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
-
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsam import wire
 from fedsam.cohort import train_cohort, use_batched
-from fedsam.data import DeviceBatches, PartitionSpec, load, make_partition
-from fedsam.models import build_model
-from fedsam.optim import (BUILTIN, DualSAM, FixedPerturbation, GlobalFlatSAM, SparseSAM, asam_param_groups, build,
-                          restart)
+from fedsam.data import DeviceBatches
+from fedsam.optim import BUILTIN, DualSAM, FixedPerturbation, GlobalFlatSAM, SparseSAM
 from fedsam.runtime import autocast_dtype, memory_format, resolve_device, round_seed, use_cuda_graphs
 from fedsam.train import LocalResult, train_locally
+from fedsam.worker import cached_model, client_indices, device_data, local_optimizer, partition_spec
 
 app = ClientApp()
 
-
-@dataclass(frozen=True)
-class DeviceData:
-    images: torch.Tensor
-    labels: torch.Tensor
-    labels_numpy: np.ndarray
-    num_classes: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-@lru_cache(maxsize=2)
-def device_data(dataset: str, data_dir: str, device: str) -> DeviceData:
-    data = load(dataset, data_dir)
-    return DeviceData(data.train_images.to(device), data.train_labels.to(device), data.train_labels.numpy(),
-                      data.num_classes, data.mean, data.std)
-
-
-@lru_cache(maxsize=4)
-def client_indices(dataset: str, data_dir: str, spec: PartitionSpec, device: str) -> tuple[torch.Tensor, ...]:
-    data = device_data(dataset, data_dir, device)
-    partition = make_partition(data.labels_numpy, spec, data.num_classes)
-    return tuple(torch.from_numpy(idx).to(device) for idx in partition.clients)
-
-
-@lru_cache(maxsize=4)
-def cached_model(name: str, num_classes: int, norm: str, device: str) -> torch.nn.Module:
-    model = build_model(name, num_classes, norm).to(device)
-    if device.startswith("cuda"):
-        model = model.to(memory_format=torch.channels_last)  # what cuDNN's fastest convolutions want
-    return model
-
-
 #: Built-ins whose step decides on the host (Sparse SAM's schedule and top-k): never a CUDA graph.
 HOST_STEPPED = ("ssam-f", "ssam-d")
-
-_optimizers: dict[tuple, tuple[torch.nn.Module, torch.optim.Optimizer]] = {}
-OPTIMIZER_CACHE = 8
-
-
-def local_optimizer(model: torch.nn.Module, spec: str, options: dict) -> torch.optim.Optimizer:
-    """A fresh-acting optimizer for this round. The built-ins are kept per worker process and
-    ``restart``-ed (momentum zeroed in place, the round's lr set); custom specs are built anew."""
-    params = asam_param_groups(model, options["asam_scope"]) if spec == "asam" else model.parameters()
-    if spec not in BUILTIN:
-        return build(spec, params, **options)
-    fixed = tuple(sorted((k, v) for k, v in options.items() if k not in ("lr", "partition_id", "server_round")))
-    key = (id(model), spec, fixed)
-    kept = _optimizers.get(key)
-    if kept is not None and kept[0] is model:  # the same model object, not a new one at a reused id
-        restart(kept[1], float(options["lr"]))
-        return kept[1]
-    optimizer = build(spec, params, **options)
-    if len(_optimizers) >= OPTIMIZER_CACHE:
-        _optimizers.pop(next(iter(_optimizers)))
-    _optimizers[key] = (model, optimizer)
-    return optimizer
 
 
 def node_partition(node_config: dict, num_clients: int) -> int:
@@ -116,11 +54,6 @@ def partition_of(context: Context, config: ConfigRecord) -> tuple[int, str]:
     """This node's partition id and data folder (``data-dir`` in the node config wins)."""
     pid = node_partition(context.node_config, int(config["num-clients"]))
     return pid, str(context.node_config.get("data-dir", config["data-dir"]))
-
-
-def partition_spec(config: ConfigRecord) -> PartitionSpec:
-    return PartitionSpec(str(config["partition"]), int(config["num-clients"]), int(config["seed"]),
-                         float(config["dirichlet-alpha"]), int(config["classes-per-client"]))
 
 
 @app.query("partition_id")

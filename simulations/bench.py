@@ -178,7 +178,7 @@ def throughput(device: torch.device, quick: bool, repeats: int, data_dir: str | 
 def plain_loop(cfg, data, rounds: int) -> list[float]:
     """The same client work as ``fedsam run``, without Flower or Ray: per round, each sampled
     client trains on its partition with the same seeds, then an example-weighted average."""
-    from fedsam.client_app import client_indices, device_data, local_optimizer
+    from fedsam.worker import client_indices, device_data, local_optimizer
     from fedsam import wire
     from fedsam.runtime import round_seed
     from fedsam.train import evaluate

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,6 +91,31 @@ def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_run(cifar10_dir, t
 
 
 @pytest.mark.processes
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (Ray's raylet and its workers, for a run's driver)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, _, rest = stat.read_text().partition(" (")
+            ppid = int(rest.rpartition(") ")[2].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(pid))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return sorted(out)
+
+
 def test_a_dead_worker_stops_the_run_in_one_line_and_resume_finishes_it_exactly(cifar10_dir, tmp_path, reference):
     """Flower's engine never replaces a Ray worker that died: rather than lose its clients in every
     later round and still say "done", the run stops at once, keeps the last good round, and
@@ -103,8 +129,9 @@ def test_a_dead_worker_stops_the_run_in_one_line_and_resume_finishes_it_exactly(
     while not ((out / "checkpoint.pt").exists() and checkpoint.load(out)["round"] >= 1):
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint of round 1 in time"
         time.sleep(0.05)
-    actors = subprocess.run(["pgrep", "-f", "ClientAppActor"], capture_output=True, text=True).stdout.split()
-    os.kill(int(actors[0]), signal.SIGKILL)
+    actors = [pid for pid in descendants(proc.pid) if b"ClientAppActor" in _cmdline(pid)]
+    assert actors, "no Flower ClientApp worker of this run to kill"
+    os.kill(actors[0], signal.SIGKILL)  # this run's own worker, never another run's on the machine
     stdout, stderr = proc.communicate(timeout=300)
     if proc.returncode == 0:  # the kill landed after the last round had trained: nothing to test
         pytest.skip("the run finished before the worker died")
