@@ -172,9 +172,14 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
     if not own and use_batched(vectorize, spec, model, device, len(partition_ids)):  # one start for all
         try:
             model.load_state_dict(shared_start)
+            fixed = [on_device(wire.client_record(content, wire.PERTURBATION, pid), device) for pid in partition_ids]
+            point = on_device(content.get(wire.GLOBAL_POINT), device)
             trained = train_cohort(model, spec, wire.optimizer_options(config, partition_ids[0]),
                                    [batches(pid) for pid in partition_ids], epochs,
-                                   corrections=[corrections[pid] for pid in partition_ids], **knobs)
+                                   corrections=[corrections[pid] for pid in partition_ids],
+                                   perturbations=None if all(e is None for e in fixed) else fixed,
+                                   global_point=point, global_weight=wire.strategy_value(config, "gf-kappa"),
+                                   **knobs)
             return {pid: {"arrays": ArrayRecord(state), "metrics": metric_record(result)}
                     for pid, (state, result) in zip(partition_ids, trained)}
         except Exception:  # noqa: BLE001 - retried client by client below, which says whose failure it is

@@ -14,7 +14,8 @@ leading client dimension and every step runs once for all of them (``torch.func`
 A short batch is padded with zero-weight samples; the loss is the mean over real samples, so the
 padding changes nothing (no BatchNorm here: per-sample normalisation only, see ``batchable``).
 
-Only the built-in stateless rules batch (SGD, SAM, ASAM, FGSM SAM over SGD), with the whole descent
+Only the built-in rules without per-client optimizer state batch (SGD, SAM, ASAM, FGSM SAM, and
+FedLESAM's ``lesam`` and FedGF's ``gf-sam``, whose ε and ``w̃`` come in the message), with the whole descent
 direction of ``train_locally``: MoFedSAM's and FedCM's momentum mix, each client's round correction
 ``b`` (SCAFFOLD, FedDyn, FedProx), the direction decay ``κ·w`` and clipping. FedSMOO's ``dual-sam``
 keeps a per-client dual that has no batched rule, and a plug-in optimizer is an object with its
@@ -46,21 +47,20 @@ from fedsam.train import LocalResult
 Tensors = dict[str, torch.Tensor]
 
 #: The client rule each batchable built-in optimizer name stands for.
-PERTURBATION = {"sgd": "none", "sam": "sam", "asam": "asam", "fgsm-sam": "fgsm"}
+PERTURBATION = {"sgd": "none", "sam": "sam", "asam": "asam", "fgsm-sam": "fgsm", "lesam": "fixed",
+                "gf-sam": "global-flat"}
 
 #: Why a built-in optimizer without a batched rule trains one client at a time.
 UNBATCHED = {"dual-sam": "FedSMOO's dual-sam keeps a per-client dual that has no batched rule",
              "ssam-f": "SSAM-F keeps a per-client mask refreshed by extra Fisher passes, which has no batched rule",
-             "ssam-d": "SSAM-D keeps a per-client mask refreshed by a top-k inside the step, which has no batched rule",
-             "lesam": "FedLESAM's lesam takes a per-client perturbation that has no batched rule yet",
-             "gf-sam": "FedGF's gf-sam takes a global point that has no batched rule yet"}
+             "ssam-d": "SSAM-D keeps a per-client mask refreshed by a top-k inside the step, which has no batched rule"}
 
 
 @dataclass(frozen=True)
 class ClientRule:
     """One local step of a built-in optimizer, as numbers: what ``build(spec, ...)`` would do."""
 
-    perturbation: str  # none | sam | asam | fgsm
+    perturbation: str  # none | sam | asam | fgsm | fixed (FedLESAM's given ε) | global-flat (FedGF's)
     lr: float
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -81,7 +81,7 @@ class ClientRule:
         if values.pop("nesterov", False):
             raise ValueError("Nesterov momentum has no batched rule")
         rule = cls(PERTURBATION[spec], **values)
-        if rule.perturbation != "none" and rule.rho is not None and not rule.rho > 0:
+        if rule.perturbation not in ("none", "fixed") and rule.rho is not None and not rule.rho > 0:
             raise ValueError(f"rho must be > 0, got {rule.rho}")
         if rule.steps < 1:
             raise ValueError(f"steps must be >= 1, got {rule.steps}")
@@ -217,6 +217,9 @@ def train_cohort(
     momentum_alpha: float = 1.0,
     corrections: list[Tensors | None] | None = None,
     direction_decay: float = 0.0,
+    perturbations: list[Tensors | None] | None = None,
+    global_point: Tensors | None = None,
+    global_weight: float = 0.0,
     autocast_dtype: torch.dtype | None = None,
     cuda_graph: bool = False,
 ) -> list[tuple[Tensors, LocalResult]]:
@@ -228,6 +231,9 @@ def train_cohort(
     ``corrections`` holds each client's round constant ``b`` (in client order; ``None`` for a
     client without one) and ``direction_decay`` is ``κ``, as ``train_locally``'s ``correction``
     and ``direction_decay``: the direction is ``clip(α·g + (1 − α)·m + b + κ·w)``.
+    ``perturbations`` holds each client's fixed ``ε`` for ``lesam`` (``None``: none, a plain step),
+    as ``FixedPerturbation.load_perturbation``; ``global_point`` and ``global_weight`` are ``gf-sam``'s
+    ``w̃`` and ``κ``, as ``GlobalFlatSAM.load_global``.
     Every step has the same shapes (short batches are padded), so with ``cuda_graph`` on a GPU
     the whole cohort step is captured once and replayed (``fedsam.graphs``).
     """
@@ -254,6 +260,16 @@ def train_cohort(
     if global_momentum is not None:
         mix = {n: global_momentum[n].to(device) for n in names}
     bias = _stacked_corrections(corrections, params, num)
+    if perturbations is not None and rule.perturbation != "fixed":
+        raise ValueError(f"optimizer {spec!r} takes no fixed perturbation (lesam does)")
+    if global_point is not None and rule.perturbation != "global-flat":
+        raise ValueError(f"optimizer {spec!r} takes no global point (gf-sam does)")
+    fixed = _stacked_corrections(perturbations, params, num)  # ε_i, or None: every step at w
+    pull = None
+    if global_point is not None and global_weight != 0:
+        if not 0 <= global_weight <= 1:
+            raise ValueError(f"the global point's weight must be in [0, 1], got {global_weight}")
+        pull = ({n: global_point[n].to(device) for n in names}, float(global_weight))
     autocast = (torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=not cuda_graph)
                 if autocast_dtype is not None else contextlib.nullcontext())
 
@@ -276,10 +292,11 @@ def train_cohort(
 
     def step() -> None:
         x, y, w = static["x"], static["y"], static["w"]
-        g, (loss, correct) = gradient(params, x, y, w)
+        at = _combine(params, fixed) if fixed is not None else params  # lesam's one pass is at w + ε
+        g, (loss, correct) = gradient(at, x, y, w)
         loss_sum.add_(loss.detach().double() * static["count"].double())
         correct_sum.add_(correct.double())
-        g = _descent_gradient(rule, rho, gradient, params, g, x, y, w, weights_nd)
+        g = _descent_gradient(rule, rho, gradient, params, g, x, y, w, weights_nd, pull)
         if mix is not None:
             g = {n: momentum_alpha * g[n] + (1.0 - momentum_alpha) * mix[n] for n in names}
         if bias is not None:
@@ -329,11 +346,14 @@ def _stacked_corrections(corrections: list[Tensors | None] | None, params: Tenso
 
 
 def _descent_gradient(rule: ClientRule, rho: float | None, gradient, params: Tensors, g: Tensors,
-                      x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, weights_nd: dict[str, bool]) -> Tensors:
-    """The gradient the descent step uses: ``g`` itself, or the gradient at each client's ``w + ε``."""
-    if rule.perturbation == "none":
+                      x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, weights_nd: dict[str, bool],
+                      pull: tuple[Tensors, float] | None = None) -> Tensors:
+    """The gradient the descent step uses: ``g`` itself (SGD, and lesam's, already taken at its
+    ``w + ε``), or the gradient at each client's ``w + ε`` (for gf-sam pulled towards ``w̃`` by κ:
+    ``κ·w̃ + (1 − κ)·(w + ε)``)."""
+    if rule.perturbation in ("none", "fixed"):
         return g
-    if rule.perturbation in ("sam", "asam"):
+    if rule.perturbation in ("sam", "asam", "global-flat"):
         eps = dict(g)
         scale = {}
         if rule.perturbation == "asam":
@@ -342,7 +362,11 @@ def _descent_gradient(rule: ClientRule, rho: float | None, gradient, params: Ten
         norm = _per_client(eps, torch.square).sqrt()
         eps.update({n: eps[n] * s for n, s in scale.items()})  # T² g
         eps = _scaled(eps, rho / (norm + XI))
-        return gradient(_combine(params, eps), x, y, w)[0]
+        point = _combine(params, eps)
+        if pull is not None:
+            target, kappa = pull
+            point = {n: (v * (1.0 - kappa)).add_(target[n], alpha=kappa) for n, v in point.items()}
+        return gradient(point, x, y, w)[0]
     # fgsm: k sign-gradient ascent steps inside the L∞ ball, per client
     eps = {n: torch.zeros_like(v) for n, v in g.items()}
     ascent = {n: torch.zeros_like(v) for n, v in g.items()} if rule.ascent_momentum > 0 else None

@@ -229,3 +229,59 @@ def test_batched_asam_scales_the_same_tensors_as_the_param_groups(scope):
         optimizer = build("asam", asam_param_groups(local, scope), **options)
         sequential.append((local.state_dict(), train_locally(local, optimizer, _batches(i, n), 2, num_examples=n)))
     _assert_same(batched, sequential)
+
+
+def _one_by_one_loaded(model, spec, options, load, **kwargs):
+    """One client at a time, each optimizer handed its round's state by ``load(i, optimizer, params)``."""
+    out = []
+    for i, n in enumerate(SIZES):
+        local = copy.deepcopy(model)
+        optimizer = build(spec, local.parameters(), **options)
+        load(i, optimizer)
+        out.append((local.state_dict(), train_locally(local, optimizer, _batches(i, n), 2, num_examples=n, **kwargs)))
+    return out
+
+
+def test_batched_lesam_takes_each_clients_own_fixed_perturbation_exactly():
+    """FedLESAM: client i's one pass per step is at ``w + ε_i``; a client without ``ε`` steps plainly."""
+    torch.manual_seed(6)
+    model = Small().double()
+    names = [n for n, _ in model.named_parameters()]
+    perturbations = _corrections(model, scale=0.05)  # ε_0, none for client 1, ε_2
+    options = {"lr": 0.05, "momentum": 0.5, "weight_decay": 1e-3}
+    kwargs = dict(grad_clip=0.5, direction_decay=0.01)
+    batched = train_cohort(model, "lesam", options, [_batches(i, n) for i, n in enumerate(SIZES)], 2,
+                           perturbations=perturbations, **kwargs)
+
+    def load(i, optimizer):
+        e = perturbations[i]
+        optimizer.load_perturbation(None if e is None else [e[n] for n in names])
+
+    sequential = _one_by_one_loaded(model, "lesam", options, load, **kwargs)
+    _assert_same(batched, sequential)
+    plain = train_cohort(model, "lesam", options, [_batches(i, n) for i, n in enumerate(SIZES)], 2, **kwargs)
+    assert torch.equal(plain[1][0]["head.3.weight"], batched[1][0]["head.3.weight"])  # client 1 had no ε
+    assert not torch.equal(plain[0][0]["head.3.weight"], batched[0][0]["head.3.weight"])
+
+
+@pytest.mark.parametrize("kappa", [0.0, 0.3, 1.0])
+def test_batched_gf_sam_pulls_towards_the_global_point_exactly(kappa):
+    """FedGF: SAM's point pulled to ``κ·w̃ + (1 − κ)(w + ε)`` for every client of the cohort."""
+    torch.manual_seed(7)
+    model = Small().double()
+    names = [n for n, _ in model.named_parameters()]
+    point = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}
+    options = {"lr": 0.05, "rho": 0.1, "weight_decay": 5e-4}
+    batched = train_cohort(model, "gf-sam", options, [_batches(i, n) for i, n in enumerate(SIZES)], 2,
+                           global_point=point, global_weight=kappa)
+    sequential = _one_by_one_loaded(model, "gf-sam", options,
+                                    lambda i, opt: opt.load_global([point[n] for n in names], kappa))
+    _assert_same(batched, sequential)
+
+
+def test_a_rule_refuses_the_state_of_another():
+    with pytest.raises(ValueError, match="no fixed perturbation"):
+        train_cohort(Small(), "sam", {"lr": 0.1}, [_batches(0, 8)], 1, perturbations=[None])
+    with pytest.raises(ValueError, match="no global point"):
+        train_cohort(Small(), "lesam", {"lr": 0.1}, [_batches(0, 8)], 1,
+                     global_point={n: p.detach() for n, p in Small().named_parameters()}, global_weight=0.5)

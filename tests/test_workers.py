@@ -145,15 +145,23 @@ def _records(out):
             for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_whole_run_gives_the_same_metrics_with_the_engine_on_and_off(cifar10_dir, tmp_path):
-    off = run_inprocess(_run_cfg(cifar10_dir, tmp_path / "off", vectorize="off"))
-    on = run_inprocess(_run_cfg(cifar10_dir, tmp_path / "on", vectorize="on", workers=2), available_workers=2)
+@pytest.mark.parametrize("method", [{}, {"strategy": "fedlesam", "optimizer": "lesam"},
+                                    {"strategy": "fedgf", "optimizer": "gf-sam", "gf_threshold": 1e-9,
+                                     "gf_window": 1}], ids=["fedavg", "fedlesam", "fedgf"])
+def test_a_whole_run_gives_the_same_metrics_with_the_engine_on_and_off(cifar10_dir, tmp_path, method):
+    """FedLESAM's per-client ε and FedGF's global point (κ = 1 from round 2: every round above a
+    tiny τ_D) reach the batched engine as they reach one client at a time."""
+    off = run_inprocess(_run_cfg(cifar10_dir, tmp_path / "off", vectorize="off", **method))
+    on = run_inprocess(_run_cfg(cifar10_dir, tmp_path / "on", vectorize="on", workers=2, **method),
+                       available_workers=2)
     assert off["final_test_accuracy"] == pytest.approx(on["final_test_accuracy"], abs=2e-3)
     for a, b in zip(_records(tmp_path / "off"), _records(tmp_path / "on"), strict=True):
         assert (a["round"], a["clients"], a["failed_clients"], a["local_steps"]) == \
             (b["round"], b["clients"], b["failed_clients"], b["local_steps"])
         for name in ("train_loss", "test_loss"):
             assert a[name] == pytest.approx(b[name], rel=1e-4), name
+    if "gf_window" in method:
+        assert [r.get("gf_kappa") for r in _records(tmp_path / "on")][1:] == [1.0, 1.0]  # w̃ was sent and used
 
 
 def test_a_stopped_run_resumes_exactly_with_the_engine_on(cifar10_dir, tmp_path):
