@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torchvision
 from torch import nn
 
 
@@ -41,6 +40,8 @@ def resnet18_cifar(num_classes: int = 10, norm: str = "group") -> nn.Module:
 
     GroupNorm with 2 groups by default, as in the federated SAM papers (BatchNorm's running
     statistics do not average well across heterogeneous clients)."""
+    import torchvision  # here, not at the top: it imports torch._dynamo, ~2 s in every Ray worker
+
     model = torchvision.models.resnet18(num_classes=num_classes, norm_layer=_norm_layer(norm))
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
@@ -52,6 +53,8 @@ def resnet18_fl_simulator(num_classes: int = 10, norm: str = "group") -> nn.Modu
     """FL-Simulator's "ResNet18": torchvision's ImageNet stem kept (7x7 stride-2 conv, max-pool,
     so a 32x32 image is 8x8 after it), every BatchNorm replaced by GroupNorm(2). About 1/16 of
     the CIFAR-stem model's FLOPs; use it to compare with FL-Simulator's published numbers."""
+    import torchvision
+
     return torchvision.models.resnet18(num_classes=num_classes, norm_layer=_norm_layer(norm))
 
 

@@ -6,6 +6,10 @@ server never imports the ClientApp, and both sides make the same choices.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+
 import numpy as np
 import torch
 
@@ -44,3 +48,31 @@ def use_cuda_graphs(setting: str, device: torch.device) -> bool:
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
     """Independent, reproducible randomness per (run seed, round, client), whatever process runs it."""
     return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
+
+
+#: glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_",
+               "GLIBC_TUNABLES")
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Stop glibc handing a training step's freed activations back to the OS, only to fault them
+    in again on the next step (CPU training; on a GPU the caching allocator already keeps them).
+
+    glibc serves a block of up to its mmap threshold from the heap, and gives the heap's free top
+    back to the kernel once it passes the trim threshold. Both start small and grow only after a
+    large block is freed, so they depend on the process's history: in a Ray worker that only
+    trains, each CNN step's few-MB activations were trimmed and faulted in again (~190 page faults
+    per image), where a process that also evaluates on the test set had long raised them. Fixed
+    values make every process behave the same. A no-op off glibc, or where the user tunes malloc
+    through the environment. Returns whether it applied."""
+    if not sys.platform.startswith("linux") or any(name in os.environ for name in _MALLOC_ENV):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))

@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord
 from fedsam.data import PartitionSpec, load, make_partition
 from fedsam.models import build_model
 from fedsam.optim import BUILTIN, asam_param_groups, build, restart
+from fedsam.runtime import keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class DeviceData:
 
 @lru_cache(maxsize=2)
 def device_data(dataset: str, data_dir: str, device: str) -> DeviceData:
+    keep_freed_memory()  # once per process that trains clients: the Ray workers, the bench's plain loop
     data = load(dataset, data_dir)
     return DeviceData(data.train_images.to(device), data.train_labels.to(device), data.train_labels.numpy(),
                       data.num_classes, data.mean, data.std)

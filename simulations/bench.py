@@ -5,7 +5,8 @@
 (b) each optimizer's step time relative to SGD's (SAM's floor is two passes: 2x);
 (c) framework overhead: a complete ``fedsam run`` (Flower + Ray) against exactly the same client
     work (same data, seeds, steps) in a plain in-process loop, with start-up reported apart from
-    the per-round ratio;
+    the per-round ratio, and against the peer's design (FL-Simulator's: one process, clients one
+    after another, a ``DataLoader`` augmenting image by image);
 (d) our data path (``DeviceBatches``) against the usual Flower quickstart path (a torch
     ``DataLoader`` over a Hugging Face dataset whose ``with_transform`` decodes and transforms
     each image) on the same training;
@@ -175,9 +176,41 @@ def throughput(device: torch.device, quick: bool, repeats: int, data_dir: str | 
 
 # ----------------------------------------------------------------------------- (c)
 
-def plain_loop(cfg, data, rounds: int) -> list[float]:
+class PerImage(torch.utils.data.Dataset):
+    """FL-Simulator's data path: a map-style dataset that crops, flips and normalises one image per
+    call, read by a ``DataLoader`` (the same augmentation as ``DeviceBatches``, image by image)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        from torchvision.transforms import v2
+
+        self.images, self.labels = images.cpu(), labels.cpu()
+        self.transform = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(),
+                                     v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.images[i]), self.labels[i]
+
+    @classmethod
+    def loader(cls, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, device: torch.device):
+        """Shuffled batches on ``device``, drawn anew each pass, as a training loop iterates them."""
+        loader = torch.utils.data.DataLoader(cls(images, labels), batch_size=batch_size, shuffle=True,
+                                             generator=torch.Generator().manual_seed(seed))
+
+        class OnDevice:
+            def __iter__(self):
+                return ((x.to(device), y.to(device)) for x, y in loader)
+
+        return OnDevice()
+
+
+def plain_loop(cfg, data, rounds: int, per_image: bool = False) -> list[float]:
     """The same client work as ``fedsam run``, without Flower or Ray: per round, each sampled
-    client trains on its partition with the same seeds, then an example-weighted average."""
+    client trains on its partition with the same seeds, then an example-weighted average. With
+    ``per_image``, the peer's design instead: batches from a ``DataLoader`` augmenting image by
+    image on the host (``PerImage``), one client after another in one process."""
     from fedsam.worker import client_indices, device_data, local_optimizer
     from fedsam import wire
     from fedsam.runtime import round_seed
@@ -204,8 +237,11 @@ def plain_loop(cfg, data, rounds: int) -> list[float]:
             worker.load_state_dict(global_model.state_dict())
             optimizer = local_optimizer(worker, cfg.optimizer, wire.optimizer_options(config, pid))
             idx = parts[pid]
-            batches = DeviceBatches(dd.images[idx], dd.labels[idx], cfg.batch_size, mean=dd.mean, std=dd.std,
-                                    augment=True, shuffle=True, seed=seed)
+            if per_image:
+                batches = PerImage.loader(dd.images[idx], dd.labels[idx], cfg.batch_size, seed, device)
+            else:
+                batches = DeviceBatches(dd.images[idx], dd.labels[idx], cfg.batch_size, mean=dd.mean, std=dd.std,
+                                        augment=True, shuffle=True, seed=seed)
             train_locally(worker, optimizer, batches, cfg.local_epochs)
             states.append({k: v.detach().clone() for k, v in worker.state_dict().items()})
             weights.append(len(idx))
@@ -253,6 +289,7 @@ def overhead(device: torch.device, quick: bool, data_dir: str | None, rounds: in
     plain_loop(cfg, data, 1)  # warm-up: dataset on the device, partition, model
     plain = plain_loop(cfg, data, rounds)
     plain_round = _steady_median(plain)
+    peer = plain_loop(cfg, data, rounds, per_image=True)
     result = {
         "rounds": rounds, "clients": clients, "clients_per_round": per_round, "model": "cnn", "optimizer": "sgd",
         "num_cpus_per_client": 1,
@@ -262,6 +299,8 @@ def overhead(device: torch.device, quick: bool, data_dir: str | None, rounds: in
         "round_seconds_fedsam_run": flower_rounds,
         "round_seconds_plain_loop": plain,
         "per_round_overhead_ratio": _steady_median(flower_rounds) / plain_round,
+        "round_seconds_per_image_loop": peer,
+        "fedsam_run_vs_per_image_loop": _steady_median(flower_rounds) / _steady_median(peer),
         "note": "round 1 of fedsam run includes starting the Ray workers; the ratio uses rounds 2..R",
     }
     if not quick:
@@ -397,6 +436,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"  per round: fedsam run {_steady_median(result['round_seconds_fedsam_run']):.2f} s, "
                   f"plain loop {_steady_median(result['round_seconds_plain_loop']):.2f} s "
                   f"→ ratio {result['per_round_overhead_ratio']:.2f}", flush=True)
+            print(f"  the peer's design (one process, a DataLoader augmenting image by image): "
+                  f"{_steady_median(result['round_seconds_per_image_loop']):.2f} s a round → fedsam run takes "
+                  f"{result['fedsam_run_vs_per_image_loop']:.2f}× its time", flush=True)
             if "matched_threads" in result:
                 matched = result["matched_threads"]
                 print(f"  with {matched['num_cpus_per_client']} cores per client (clients one after another, as in "

@@ -23,8 +23,6 @@ from typing import Any
 
 import torch
 
-from simulations import plots
-
 CONFIG, PARTITION, METRICS, SUMMARY = "config.json", "partition.json", "metrics.jsonl", "summary.json"
 MODEL, CHECKPOINT, CURVES = "model.pt", "checkpoint.pt", "accuracy.png"
 GLOBAL_MODEL = "model-global.pt"  # with SWA: the last plain global model (model.pt holds the SWA average)
@@ -209,6 +207,8 @@ class RunRecorder:
         if global_state is not None:
             torch.save({k: v.detach().cpu() for k, v in global_state.items()}, self.out / GLOBAL_MODEL)
         (self.out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        from simulations import plots  # matplotlib costs half a second: only when a run ends
+
         plots.run_curves(self.records, self.out / CURVES, self.title)
         return summary
 

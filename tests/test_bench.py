@@ -36,6 +36,8 @@ def test_quick_bench_writes_every_part(tmp_path):
     overhead = report["overhead"]
     assert len(overhead["round_seconds_fedsam_run"]) == len(overhead["round_seconds_plain_loop"]) == overhead["rounds"]
     assert _positive(overhead["per_round_overhead_ratio"]) and overhead["startup_seconds"] > 0
+    assert len(overhead["round_seconds_per_image_loop"]) == overhead["rounds"]
+    assert _positive(overhead["fedsam_run_vs_per_image_loop"])
     for r in report["data_path"]:
         assert _positive(r["images_per_s_device_batches"]) and _positive(r["images_per_s_dataloader"])
         assert _positive(r["speedup"])
@@ -64,3 +66,25 @@ def test_bench_writes_under_runs_by_default(tmp_path, monkeypatch, capsys):
     for out, fragment in (("a-file/bench.json", "a-file is a file, not a folder"), ("runs", "runs is a folder")):
         code, _, stderr = run_cli(["bench", "--quick", "--device", "cpu", "--out", out], capsys)
         assert code == 2 and stderr.count("\n") == 1 and fragment in stderr, stderr
+
+
+def test_the_peers_per_image_loader_augments_like_device_batches():
+    """The peer arm of (c) does the same work image by image: the same batch shapes and sizes, the
+    same normalisation, a fresh draw every pass."""
+    import torch
+
+    from fedsam.data import DeviceBatches
+    from simulations.bench import MEAN, STD, PerImage
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (70, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (70,), generator=g)
+    loader = PerImage.loader(images, labels, 32, seed=3, device=torch.device("cpu"))
+    first, second = list(loader), list(loader)
+    ours = list(DeviceBatches(images, labels, 32, mean=MEAN, std=STD, augment=True, shuffle=True, seed=3))
+    assert [len(y) for _, y in first] == [32, 32, 6] and sum(len(y) for _, y in ours) == 70
+    assert all(x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 for x, _ in first)
+    assert not torch.equal(first[0][0], second[0][0])  # reshuffled and re-augmented each pass
+    theirs, mine = torch.cat([x for x, _ in first]), torch.cat([x for x, _ in ours])
+    assert theirs.mean().item() == pytest.approx(mine.mean().item(), abs=0.05)
+    assert theirs.std().item() == pytest.approx(mine.std().item(), rel=0.05)

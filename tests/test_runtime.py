@@ -1,0 +1,55 @@
+"""Runtime helpers the server and the clients share."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+# One client's training, twice, in a fresh process: minor page faults of the second call.
+FAULTS = """
+import resource, sys, torch
+from fedsam.data import DeviceBatches
+from fedsam.models import build_model
+from fedsam.optim import build
+from fedsam.runtime import keep_freed_memory
+from fedsam.train import train_locally
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+g = torch.Generator().manual_seed(0)
+images = torch.randint(0, 256, (192, 3, 32, 32), dtype=torch.uint8, generator=g)
+labels = torch.randint(0, 10, (192,), generator=g)
+model = build_model("cnn", 10)
+optimizer = build("sgd", model.parameters(), lr=0.01)
+for call in range(2):
+    batches = DeviceBatches(images, labels, 32, mean=(0.5,) * 3, std=(0.25,) * 3, augment=True, shuffle=True, seed=call)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    train_locally(model, optimizer, batches, 1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_a_process_that_only_trains_stops_faulting_its_steps_memory_in_again():
+    """glibc trims the heap's free top after each step of a process that never freed a large block
+    (a Ray worker that only trains), and the next step faults it in again, page by page."""
+    kept, trimmed = _faults("keep"), _faults("default")
+    assert trimmed > 2000  # a CNN step's activations, every call
+    assert kept < trimmed / 10
+
+
+def test_malloc_settings_from_the_environment_are_left_alone():
+    script = "from fedsam.runtime import keep_freed_memory; print(keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "MALLOC_TRIM_THRESHOLD_": "0"})
+    assert out.stdout.strip() == "False", out.stderr
