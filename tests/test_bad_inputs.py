@@ -179,6 +179,7 @@ def _snapshot(folder):
 
 
 @pytest.mark.parametrize("argv,fragment", CASES, ids=[f"{c[0][0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.long
 def test_bad_invocation(world, capsys, argv, fragment):
     import ray
 

@@ -65,6 +65,7 @@ def test_same_message_same_result_and_round_seeds_differ(cifar10_dir):
     assert round_seed(0, 3, 2) != round_seed(0, 4, 2) != round_seed(0, 3, 1)
 
 
+@pytest.mark.long
 def test_momentum_record_reaches_training(cifar10_dir):
     config = _config(cifar10_dir, strategy="mofedsam")
     torch.manual_seed(0)

@@ -28,6 +28,8 @@ from simulations import checkpoint
 from simulations import config as configuration
 from tests.inprocess import InProcessGrid, run_inprocess
 
+pytestmark = pytest.mark.long  # whole runs in process: CI runs them, the quick subset leaves them out
+
 BASE = dict(num_clients=3, clients_per_round=2, rounds=3, device="cpu", batch_size=50, lr=0.05,
             weight_decay=1e-3, grad_clip=10.0, checkpoint_every=1)
 

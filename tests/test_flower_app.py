@@ -57,6 +57,7 @@ def test_a_misspelt_run_config_key_that_reaches_the_server_app_fails_in_one_line
             run_id=9, node_id=0, node_config={}, state=RecordDict(), run_config={**declared, "rhoo": 0.1}))
 
 
+@pytest.mark.long
 def test_the_server_app_runs_an_experiment_from_the_run_config(cifar10_dir, tmp_path):
     run_config = {k: v for k, v in _pyproject()["tool"]["flwr"]["app"]["config"].items()}
     run_config.update({"data-dir": str(cifar10_dir), "num-clients": 3, "clients-per-round": 2, "rounds": 2,
@@ -69,6 +70,7 @@ def test_the_server_app_runs_an_experiment_from_the_run_config(cifar10_dir, tmp_
 
 
 @pytest.mark.parametrize("name", ["Scaffold", "FedSMOO", "FedLESAM", "FedGloSS"])
+@pytest.mark.long
 def test_a_strategy_runs_under_flowers_own_start_in_a_plain_server_app(cifar10_dir, name):
     """Flower users drive the strategies with ``strategy.start(...)`` in their own ServerApp; the
     methods whose messages carry the most (per-client records, duals coming back, a perturbed

@@ -23,6 +23,7 @@ def _split(scheme, clients=20, seed=0, alpha=0.5, k=2, labels=LABELS):
 
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet", "dirichlet-equal", "pathological", "quantity"])
 @pytest.mark.parametrize("clients", [1, 7, 20, 100])
+@pytest.mark.long
 def test_every_sample_is_assigned_exactly_once_and_no_client_is_empty(scheme, clients):
     part = _split(scheme, clients=clients, alpha=0.1)
     everything = np.concatenate(part.clients)
@@ -51,6 +52,7 @@ def test_iid_and_dirichlet_equal_have_equal_sizes():
 
 
 @pytest.mark.parametrize("scheme,few", [("dirichlet", 4.5), ("dirichlet-equal", 6.5)])
+@pytest.mark.long
 def test_large_alpha_is_close_to_iid_and_small_alpha_gives_few_classes(scheme, few):
     """Bounds hold for every one of 5 seeds (300 samples per client, 10 classes; 1000 samples per
     class). With equal sizes, a client whose favourite classes run out spills into others, so
@@ -169,6 +171,7 @@ def test_cli_missing_and_corrupt_data_dirs(tmp_path, capsys):
     assert code == 2 and stderr.count("\n") == 1 and "corrupt" in stderr
 
 
+@pytest.mark.long
 def test_cli_bad_input_as_a_real_process_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "simulations", "partition", "--data-dir", str(tmp_path),
                            "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -79,6 +79,7 @@ def test_register_a_name_and_make_it_portable():
         optim.unregister("local-only")
 
 
+@pytest.mark.long
 def test_an_import_path_works_in_a_fresh_process():
     """What a Ray worker does: a new interpreter resolves the path and trains with it."""
     register("signsgd-proc", custom_optim.signsgd)

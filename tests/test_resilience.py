@@ -90,7 +90,6 @@ def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_run(cifar10_dir, t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.processes
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -116,6 +115,7 @@ def descendants(root: int) -> list[int]:
     return sorted(out)
 
 
+@pytest.mark.processes
 def test_a_dead_worker_stops_the_run_in_one_line_and_resume_finishes_it_exactly(cifar10_dir, tmp_path, reference):
     """Flower's engine never replaces a Ray worker that died: rather than lose its clients in every
     later round and still say "done", the run stops at once, keeps the last good round, and
@@ -164,6 +164,7 @@ class StopDuring(InProcessGrid):
         return super().send_and_receive(messages, timeout=timeout)
 
 
+@pytest.mark.long
 def test_a_stop_request_finishes_the_round_checkpoints_and_resumes_exactly(cifar10_dir, tmp_path, reference):
     import threading
 
@@ -209,6 +210,7 @@ def faults(monkeypatch):
     return set_faults
 
 
+@pytest.mark.long
 def test_a_client_that_raises_is_left_out_and_recorded(cifar10_dir, tmp_path, faults):
     faults(fail="1@2")
     cfg = _cfg(cifar10_dir, tmp_path / "run", clients_per_round=4, optimizer="tests.plugins.faulty:flaky")
@@ -221,6 +223,7 @@ def test_a_client_that_raises_is_left_out_and_recorded(cifar10_dir, tmp_path, fa
     assert list(summary["failure_reasons"].values()) == [1] and "out of memory" in next(iter(summary["failure_reasons"]))
 
 
+@pytest.mark.long
 def test_a_client_that_returns_nan_is_left_out_and_recorded(cifar10_dir, tmp_path, faults):
     faults(nan="2")
     cfg = _cfg(cifar10_dir, tmp_path / "run", clients_per_round=4, optimizer="tests.plugins.faulty:flaky")
@@ -238,6 +241,7 @@ class Silent(InProcessGrid):
         return [r for r in replies if r.metadata.message_type != "train" or r.metadata.src_node_id != self.node_ids[0]]
 
 
+@pytest.mark.long
 def test_a_client_that_does_not_reply_in_time_counts_as_failed(cifar10_dir, tmp_path):
     cfg = _cfg(cifar10_dir, tmp_path / "run", clients_per_round=4, rounds=2, client_timeout=5.0)
     run_inprocess(cfg, Silent(app, cfg.num_clients))
@@ -245,6 +249,7 @@ def test_a_client_that_does_not_reply_in_time_counts_as_failed(cifar10_dir, tmp_
         assert record["failures"] == [{"client": 0, "reason": "no reply within 5 s"}]
 
 
+@pytest.mark.long
 def test_too_few_successful_clients_stop_the_run_and_keep_the_last_good_checkpoint(cifar10_dir, tmp_path, faults):
     faults(fail="0@3,1@3")
     cfg = _cfg(cifar10_dir, tmp_path / "run", clients_per_round=4, min_successful_clients=3,
@@ -258,6 +263,7 @@ def test_too_few_successful_clients_stop_the_run_and_keep_the_last_good_checkpoi
     assert len(_metrics(tmp_path / "run")) == 2 and not (tmp_path / "run" / "summary.json").exists()
 
 
+@pytest.mark.long
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(cifar10_dir, tmp_path):
     cfg = _cfg(cifar10_dir, tmp_path / "run", optimizer="tests.plugins.faulty:explode_in_round_2")
     with pytest.raises(RunFailed, match=r"round 2: the global model diverged.*last good checkpoint \(round 1\)"):
@@ -283,6 +289,7 @@ def test_failing_client_through_ray(cifar10_dir, tmp_path):
     assert last.startswith("warning: 1 client-round(s) failed") and "out of memory" in last
 
 
+@pytest.mark.long
 def test_resume_keeps_the_runs_settings(cifar10_dir, tmp_path, capsys):
     out = tmp_path / "run"
     run_inprocess(_cfg(cifar10_dir, out, rounds=2))
@@ -314,6 +321,7 @@ def inprocess_simulate(monkeypatch):
     monkeypatch.setattr(simulations.run, "simulate", simulate)
 
 
+@pytest.mark.long
 def test_a_run_killed_before_its_first_checkpoint_is_redone_by_resume(cifar10_dir, tmp_path, capsys,
                                                                       inprocess_simulate):
     out = tmp_path / "run"

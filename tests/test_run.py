@@ -152,6 +152,7 @@ def test_cuda_asked_for_without_a_gpu(cifar10_dir, tmp_path, capsys, no_simulati
     assert code == 2 and "no CUDA device" in stderr
 
 
+@pytest.mark.long
 def test_help_lists_the_documented_flags():
     proc = subprocess.run([sys.executable, "-m", "simulations", "run", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})

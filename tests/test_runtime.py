@@ -40,6 +40,7 @@ def _faults(mode: str) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.long
 def test_a_process_that_only_trains_stops_faulting_its_steps_memory_in_again():
     """glibc trims the heap's free top after each step of a process that never freed a large block
     (a Ray worker that only trains), and the next step faults it in again, page by page."""

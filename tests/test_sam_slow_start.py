@@ -9,6 +9,7 @@ import pytest
 from scripts import sam_slow_start
 
 
+@pytest.mark.long
 def test_only_the_optimizer_differs_between_the_curves(cifar10_dir):
     """Same initial weights and batches: SAM with a vanishing ρ retraces SGD's curve."""
     curves = sam_slow_start.loss_per_epoch(str(cifar10_dir), rhos=[1e-9, 0.1], epochs=2)
@@ -19,6 +20,7 @@ def test_only_the_optimizer_differs_between_the_curves(cifar10_dir):
     assert curves["sam rho=0.1"] != pytest.approx(curves["sgd"], rel=1e-4)
 
 
+@pytest.mark.long
 def test_the_command_prints_one_row_per_optimizer(cifar10_dir, capsys):
     assert sam_slow_start.main(["--data-dir", str(cifar10_dir), "--rho", "0.05", "--epochs", "1"]) == 0
     rows = capsys.readouterr().out.splitlines()

@@ -28,6 +28,7 @@ def _config(cifar10_dir, **changes):
 @pytest.mark.parametrize("spec,extra", [("ssam-d", {"ssam_sparsity": 0.5, "ssam_update_freq": 1}),
                                         ("ssam-f", {"ssam_sparsity": 0.5, "ssam_update_freq": 1,
                                                     "ssam_fisher_samples": 8})])
+@pytest.mark.long
 def test_each_client_gets_its_own_mask_back_and_its_epochs_count_on(cifar10_dir, spec, extra):
     cfg = _config(cifar10_dir, optimizer=spec, **extra)
     torch.manual_seed(0)

@@ -60,6 +60,7 @@ def test_a_start_after_the_last_round_is_no_swa_and_swa_evaluates_its_average():
     torch.testing.assert_close(flat({k: evaluated[k].numpy() for k in ("w", "b")}), only, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.long
 def test_a_run_with_swa_evaluates_and_saves_the_average_and_keeps_the_global_model(cifar10_dir, tmp_path):
     values = {"data_dir": str(cifar10_dir), "out": str(tmp_path / "swa"), "num_clients": 3, "clients_per_round": 2,
               "rounds": 4, "device": "cpu", "batch_size": 50, "swa_start": 2, "swa_cycle": 1}

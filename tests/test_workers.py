@@ -54,6 +54,7 @@ def test_split_deals_sorted_ids_round_robin():
 
 
 @pytest.mark.parametrize("strategy_class", [FedAvg, MoFedSAM])
+@pytest.mark.long
 def test_cohort_messages_aggregate_exactly_as_one_message_per_client(cifar10_dir, strategy_class):
     cfg = _config(cifar10_dir, strategy="fedsam", optimizer="sam")
     thin, fat = strategy_class(6, 5), strategy_class(6, 5, workers=2)
@@ -68,6 +69,7 @@ def test_cohort_messages_aggregate_exactly_as_one_message_per_client(cifar10_dir
     assert {k: v for k, v in ma.items() if k != timing} == {k: v for k, v in mb.items() if k != timing}
 
 
+@pytest.mark.long
 def test_a_batched_cohort_aggregates_like_one_by_one_to_float_tolerance(cifar10_dir):
     """float32 agreement in a smooth setting (SGD, small lr). With SAM at lr 0.05 on random images
     some clients' float32 trajectories are chaotic: one-by-one float32 itself lands up to 50 % of
@@ -148,6 +150,7 @@ def _records(out):
 @pytest.mark.parametrize("method", [{}, {"strategy": "fedlesam", "optimizer": "lesam"},
                                     {"strategy": "fedgf", "optimizer": "gf-sam", "gf_threshold": 1e-9,
                                      "gf_window": 1}], ids=["fedavg", "fedlesam", "fedgf"])
+@pytest.mark.long
 def test_a_whole_run_gives_the_same_metrics_with_the_engine_on_and_off(cifar10_dir, tmp_path, method):
     """FedLESAM's per-client ε and FedGF's global point (κ = 1 from round 2: every round above a
     tiny τ_D) reach the batched engine as they reach one client at a time."""
@@ -164,6 +167,7 @@ def test_a_whole_run_gives_the_same_metrics_with_the_engine_on_and_off(cifar10_d
         assert [r.get("gf_kappa") for r in _records(tmp_path / "on")][1:] == [1.0, 1.0]  # w̃ was sent and used
 
 
+@pytest.mark.long
 def test_a_stopped_run_resumes_exactly_with_the_engine_on(cifar10_dir, tmp_path):
     import threading
 
