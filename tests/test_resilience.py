@@ -50,20 +50,27 @@ def reference(cifar10_dir, tmp_path_factory):
 def uninterrupted(cifar10_dir, tmp_path_factory):
     """Uninterrupted runs of the methods whose clients keep state between rounds (SCAFFOLD's c_i,
     FedDyn's h_i), which a checkpoint must carry and a resume restore exactly."""
-    def run(strategy):
-        out = tmp_path_factory.mktemp(strategy) / "run"
-        run_inprocess(_cfg(cifar10_dir, out, strategy=strategy))
+    def run(case):
+        out = tmp_path_factory.mktemp(case) / "run"
+        changes = KILLED[case]
+        run_inprocess(_cfg(cifar10_dir, out, **changes), available_workers=changes.get("workers"))
         return out
-    return {strategy: run(strategy) for strategy in ("scaffold", "feddyn")}
+    return {case: run(case) for case in KILLED}
+
+
+#: The runs killed with -9 and resumed: client state on the server (SCAFFOLD's c_i, FedDyn's h_i),
+#: and the batched engine (cohorts of clients in two fat workers, with MoFedSAM's momentum).
+KILLED = {"scaffold": {"strategy": "scaffold"}, "feddyn": {"strategy": "feddyn"},
+          "mofedsam-batched": {"strategy": "mofedsam", "vectorize": "on", "workers": 2}}
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("strategy", ["scaffold", "feddyn"])
-def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_run(cifar10_dir, tmp_path, uninterrupted, strategy):
-    reference = uninterrupted[strategy]
+@pytest.mark.parametrize("case", list(KILLED))
+def test_kill_9_mid_round_then_resume_gives_the_uninterrupted_run(cifar10_dir, tmp_path, uninterrupted, case):
+    reference = uninterrupted[case]
     out = tmp_path / "killed"
-    argv = [sys.executable, "-m", "simulations", "run", "--data-dir", str(cifar10_dir), "--strategy", strategy,
-            "--out", str(out)] + [f"--{k.replace('_', '-')}={v}" for k, v in BASE.items()]
+    argv = [sys.executable, "-m", "simulations", "run", "--data-dir", str(cifar10_dir), "--out", str(out)] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in {**BASE, **KILLED[case]}.items()]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 300
