@@ -142,7 +142,11 @@ def test_the_hook_is_removed_after_training():
     images, labels = _data(8)
     opt = build("sam", model.parameters(), lr=0.1)
     train_locally(model, opt, _batches(images, labels, 8), 1, grad_clip=1.0)
-    assert not opt.base_optimizer._optimizer_step_pre_hooks
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)  # norm far above the clip
+    opt.base_optimizer.step()  # after training: a plain SGD step, neither clipped nor mixed
+    assert all(torch.allclose(p, b - 0.1 * 10.0) for p, b in zip(model.parameters(), before))
 
 
 def test_a_restarted_builtin_optimizer_equals_a_fresh_one():
