@@ -15,6 +15,8 @@ What a worker process keeps across rounds and clients (data, partition, models, 
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -171,6 +173,8 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
     vectorize = str(config["vectorize"])
     if not own and use_batched(vectorize, spec, model, device, len(partition_ids)):  # one start for all
         try:
+            if shift is not None or any(wire.client_record(content, wire.DUAL, pid) is not None for pid in partition_ids):
+                raise ValueError(f"the message carries FedSMOO's duals but optimizer {spec!r} has none (use dual-sam)")
             model.load_state_dict(shared_start)
             fixed = [on_device(wire.client_record(content, wire.PERTURBATION, pid), device) for pid in partition_ids]
             point = on_device(content.get(wire.GLOBAL_POINT), device)
@@ -182,9 +186,11 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
                                    **knobs)
             return {pid: {"arrays": ArrayRecord(state), "metrics": metric_record(result)}
                     for pid, (state, result) in zip(partition_ids, trained)}
-        except Exception:  # noqa: BLE001 - retried client by client below, which says whose failure it is
+        except Exception as exc:  # noqa: BLE001 - retried client by client below, which says whose failure it is
             if not isolate:
                 raise
+            print(f"fedsam: a batched cohort failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                  "training its clients one at a time", file=sys.stderr, flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 

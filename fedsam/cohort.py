@@ -18,8 +18,9 @@ Only the built-in rules without per-client optimizer state batch (SGD, SAM, ASAM
 FedLESAM's ``lesam`` and FedGF's ``gf-sam``, whose ε and ``w̃`` come in the message), with the whole descent
 direction of ``train_locally``: MoFedSAM's and FedCM's momentum mix, each client's round correction
 ``b`` (SCAFFOLD, FedDyn, FedProx), the direction decay ``κ·w`` and clipping. FedSMOO's ``dual-sam``
-keeps a per-client dual that has no batched rule, and a plug-in optimizer is an object with its
-own ``step``, which cannot be vectorised from outside: both train one client at a time
+keeps a per-client dual and Sparse SAM (``ssam-f``, ``ssam-d``) a per-client mask, which have no
+batched rule, and a plug-in optimizer is an object with its own ``step``, which cannot be
+vectorised from outside: these train one client at a time
 (``fedsam.train.train_locally``).
 """
 
@@ -81,7 +82,7 @@ class ClientRule:
         if values.pop("nesterov", False):
             raise ValueError("Nesterov momentum has no batched rule")
         rule = cls(PERTURBATION[spec], **values)
-        if rule.perturbation not in ("none", "fixed") and rule.rho is not None and not rule.rho > 0:
+        if rule.perturbation != "none" and rule.rho is not None and not rule.rho > 0:
             raise ValueError(f"rho must be > 0, got {rule.rho}")
         if rule.steps < 1:
             raise ValueError(f"steps must be >= 1, got {rule.steps}")
@@ -265,10 +266,10 @@ def train_cohort(
     if global_point is not None and rule.perturbation != "global-flat":
         raise ValueError(f"optimizer {spec!r} takes no global point (gf-sam does)")
     fixed = _stacked_corrections(perturbations, params, num)  # ε_i, or None: every step at w
+    if not 0 <= global_weight <= 1:  # as GlobalFlatSAM.load_global
+        raise ValueError(f"kappa must be in [0, 1], got {global_weight}")
     pull = None
     if global_point is not None and global_weight != 0:
-        if not 0 <= global_weight <= 1:
-            raise ValueError(f"the global point's weight must be in [0, 1], got {global_weight}")
         pull = ({n: global_point[n].to(device) for n in names}, float(global_weight))
     autocast = (torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=not cuda_graph)
                 if autocast_dtype is not None else contextlib.nullcontext())

@@ -1,4 +1,5 @@
-"""Where and how training runs: the device, its precision, and per-client randomness.
+"""Where and how training runs: the device, its precision, per-client randomness, and the
+allocator of a process that trains (``keep_freed_memory``).
 
 The server (evaluation, the bench, sharpness) and the clients both import this module, so the
 server never imports the ClientApp, and both sides make the same choices.

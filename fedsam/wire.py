@@ -95,7 +95,8 @@ CLIENT_FAILED = 1  # Error code of a client that failed inside a cohort
 
 def train_config(run: ExperimentConfig) -> ConfigRecord:
     """What every train message of a run carries (``RUN_KEYS``, and the ``OPTIONAL_KEYS`` that are
-    set); the strategy adds the round number, the round's lr and its own keys. The data folder goes
+    set), from a resolved config (``ExperimentConfig.resolved()``: the method's optimizer and ρ
+    written out); the strategy adds the round number, the round's lr and its own keys. The data folder goes
     as an absolute path and a plug-in optimizer as a spec any process can import."""
     values: dict[str, Any] = {key: getattr(run, key.replace("-", "_")) for key in RUN_KEYS}
     values["data-dir"] = str(Path(run.data_dir).expanduser().resolve())
@@ -136,14 +137,14 @@ def optimizer_options(config: ConfigRecord, partition_id: int) -> dict:
         "weight_decay": float(config["weight-decay"]) + strategy_value(config, "extra-weight-decay"),
         "rho": config.get("rho"),
         "eta": config.get("eta"),
-        "steps": config.get("fgsm-steps"),
-        "ascent_momentum": config.get("ascent-momentum"),
+        "steps": config["fgsm-steps"],
+        "ascent_momentum": config["ascent-momentum"],
         "asam_scope": str(config["asam-scope"]),
         "sparsity": config.get("ssam-sparsity"),
         "update_freq": config.get("ssam-update-freq"),
         "num_samples": config.get("ssam-fisher-samples"),
         "drop_rate": config.get("ssam-drop-rate"),
-        "total_epochs": config.get("rounds"),  # SSAM-D's drop rate follows the global round in a federation
+        "total_epochs": config["rounds"],  # SSAM-D's drop rate follows the global round in a federation
     }
 
 

@@ -34,7 +34,7 @@ class DeviceData:
 
 @lru_cache(maxsize=2)
 def device_data(dataset: str, data_dir: str, device: str) -> DeviceData:
-    keep_freed_memory()  # once per process that trains clients: the Ray workers, the bench's plain loop
+    keep_freed_memory()  # in every process that trains clients (Ray workers, the bench's plain loop); idempotent
     data = load(dataset, data_dir)
     return DeviceData(data.train_images.to(device), data.train_labels.to(device), data.train_labels.numpy(),
                       data.num_classes, data.mean, data.std)

@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,13 +195,14 @@ class PerImage(torch.utils.data.Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
     @classmethod
-    def loader(cls, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, device: torch.device):
+    def loader(cls, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
+               device: torch.device) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled batches on ``device``, drawn anew each pass, as a training loop iterates them."""
         loader = torch.utils.data.DataLoader(cls(images, labels), batch_size=batch_size, shuffle=True,
                                              generator=torch.Generator().manual_seed(seed))
 
         class OnDevice:
-            def __iter__(self):
+            def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
                 return ((x.to(device), y.to(device)) for x, y in loader)
 
         return OnDevice()

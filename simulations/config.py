@@ -341,7 +341,7 @@ def check_methods(strategy: str, values: dict[str, Any], source: str) -> None:
         if takers is not None and strategy in DEFAULT_OPTIMIZER and strategy not in takers:
             raise ConfigError(f"{source}: --strategy {strategy} does not take {key(f.name)} "
                               f"(it is {', '.join(takers)}'s)")
-    optimizer = values.get("optimizer")
+    optimizer = values.get("optimizer") or None  # "" is unset, as in coerce
     if optimizer is None:
         return
     sam = optimizer in SAM_FAMILY

@@ -120,3 +120,11 @@ def test_help_placeholders_say_what_a_value_is(command, capsys):
     shown = dict(re.findall(r"\[--([a-z-]+) ([^\s\]]+)\]", text))  # the usage line: [--flag PLACEHOLDER]
     for name in set(shown) & {config.key(f) for f in ExperimentConfig.field_names()}:
         assert shown[name] in ("N", "X", "NAME", "DIR", "SPEC", "ADDRESS") or shown[name].startswith("{"), name
+
+
+def test_an_empty_optimizer_is_unset_for_every_method_even_those_with_their_own_client():
+    """``optimizer = ""`` is how a TOML file (and flwr's run config) says "the method's client"."""
+    from simulations.config import resolve
+
+    assert resolve({"strategy": "fedgf", "optimizer": ""}).resolved().optimizer == "gf-sam"
+    assert resolve({"strategy": "fedsmoo", "optimizer": "", "rho": ""}).resolved().optimizer == "dual-sam"

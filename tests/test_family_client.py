@@ -84,7 +84,8 @@ def run_client(spec: str, config: dict, records: dict[str, torch.Tensor], *, cli
                batches=BATCHES, norms: list | None = None) -> dict[str, torch.Tensor]:
     """One client round through the ClientApp's own pieces; ``norms`` collects ‖d‖ before each clip."""
     content = RecordDict({"config": ConfigRecord({"lr": LR, "weight-decay": WD, "server-round": 1, "momentum": 0.0,
-                                                  "asam-scope": "reference", "grad-clip": clip, **config}),
+                                                  "asam-scope": "reference", "fgsm-steps": 1, "ascent-momentum": 0.0,
+                                                  "rounds": 1, "grad-clip": clip, **config}),
                           "arrays": ArrayRecord(unflat(W0)),
                           **{k: ArrayRecord(unflat(v)) for k, v in records.items()}})
     config = content["config"]

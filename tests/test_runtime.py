@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 
@@ -39,7 +40,7 @@ def _faults(mode: str) -> int:
     return int(out.stdout.split()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
 @pytest.mark.long
 def test_a_process_that_only_trains_stops_faulting_its_steps_memory_in_again():
     """glibc trims the heap's free top after each step of a process that never freed a large block
