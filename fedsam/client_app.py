@@ -151,6 +151,8 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     corrections = {pid: round_correction(content, pid, starts[pid], names, device) for pid in partition_ids}
     shift = on_device(content.get(wire.GLOBAL_PERTURBATION), device)
+    point = on_device(content.get(wire.GLOBAL_POINT), device)  # FedGF's w̃, the same for every client
+    no_duals = f"the message carries FedSMOO's duals but optimizer {spec!r} has none (use dual-sam)"
     seeds = {pid: round_seed(int(config["seed"]), int(config[wire.SERVER_ROUND]), pid) for pid in partition_ids}
     graph_setting = str(config["cuda-graphs"])  # a plug-in's Python state would freeze in a graph
     graphs = (use_cuda_graphs(graph_setting, device) and (spec in BUILTIN or graph_setting == "on")
@@ -174,10 +176,9 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
     if not own and use_batched(vectorize, spec, model, device, len(partition_ids)):  # one start for all
         try:
             if shift is not None or any(wire.client_record(content, wire.DUAL, pid) is not None for pid in partition_ids):
-                raise ValueError(f"the message carries FedSMOO's duals but optimizer {spec!r} has none (use dual-sam)")
+                raise ValueError(no_duals)
             model.load_state_dict(shared_start)
             fixed = [on_device(wire.client_record(content, wire.PERTURBATION, pid), device) for pid in partition_ids]
-            point = on_device(content.get(wire.GLOBAL_POINT), device)
             trained = train_cohort(model, spec, wire.optimizer_options(config, partition_ids[0]),
                                    [batches(pid) for pid in partition_ids], epochs,
                                    corrections=[corrections[pid] for pid in partition_ids],
@@ -206,11 +207,10 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
                 optimizer.load_duals(None if u is None else [u[n] for n in names],
                                      None if shift is None else [shift[n] for n in names])
             elif dual is not None or shift is not None:
-                raise ValueError(f"the message carries FedSMOO's duals but optimizer {spec!r} has none (use dual-sam)")
+                raise ValueError(no_duals)
             if isinstance(optimizer, SparseSAM):
                 load_sparse_state(optimizer, model, content, pid, names, len(batches(pid)),
                                   batches(pid, batch_size=1, seed=seeds[pid] + 1))
-            point = on_device(content.get(wire.GLOBAL_POINT), device)
             if isinstance(optimizer, GlobalFlatSAM):  # FedGF: the server's w̃ and κ
                 optimizer.load_global(None if point is None else [point[n] for n in names],
                                       wire.strategy_value(config, "gf-kappa"))
