@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord
 
-from fedsam.data import PartitionSpec, load, make_partition
+from fedsam.data import PartitionSpec, cached_partition, load
 from fedsam.models import build_model
 from fedsam.optim import BUILTIN, asam_param_groups, build, restart
 from fedsam.runtime import keep_freed_memory
@@ -43,7 +43,7 @@ def device_data(dataset: str, data_dir: str, device: str) -> DeviceData:
 @lru_cache(maxsize=4)
 def client_indices(dataset: str, data_dir: str, spec: PartitionSpec, device: str) -> tuple[torch.Tensor, ...]:
     data = device_data(dataset, data_dir, device)
-    partition = make_partition(data.labels_numpy, spec, data.num_classes)
+    partition = cached_partition(data.labels_numpy, spec, data.num_classes)
     return tuple(torch.from_numpy(idx).to(device) for idx in partition.clients)
 
 

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 
 from fedsam import wire
 from fedsam.runtime import autocast_dtype, resolve_device
-from fedsam.data import DataError, DeviceBatches, ImageDataset, Partition, PartitionError, load, make_partition
+from fedsam.data import DataError, DeviceBatches, ImageDataset, Partition, PartitionError, cached_partition, load
 from fedsam.data import partition_record, summarize, write_partition_json
 from fedsam.cohort import batchable
 from fedsam.models import build_model
@@ -73,7 +73,7 @@ def check(cfg: ExperimentConfig, out: Path | None = None, data: ImageDataset | N
         raise ConfigError(str(exc)) from None
     try:
         data = data or load(cfg.dataset, cfg.data_dir, download=cfg.download)
-        partition = make_partition(data.train_labels.numpy(), cfg.partition_spec(), data.num_classes)
+        partition = cached_partition(data.train_labels.numpy(), cfg.partition_spec(), data.num_classes)
     except (DataError, PartitionError) as exc:
         raise ConfigError(str(exc)) from None
     try:
@@ -278,7 +278,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
     arrays = ArrayRecord(model.state_dict())
     strategy = build_strategy(cfg, [name for name, _ in model.named_parameters()],
                               cohort_workers(cfg, available_workers),
-                              make_partition(data.train_labels.numpy(), cfg.partition_spec(), data.num_classes)
+                              cached_partition(data.train_labels.numpy(), cfg.partition_spec(), data.num_classes)
                               if cfg.step_normaliser == "fl-simulator" else None)
     evaluator = CentralEvaluator(model, data, device, cfg.precision)
     probe = None

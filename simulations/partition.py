@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedsam.data import DataError, PartitionError, format_summary, label_counts, load, make_partition, summarize
+from fedsam.data import DataError, PartitionError, cached_partition, format_summary, label_counts, load, summarize
 from fedsam.data import write_partition_json
-from simulations import config, plots
+from simulations import config
 from simulations.errors import UsageError
 
 
@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         config.validate(cfg)
         data = load(cfg.dataset, cfg.data_dir, download=cfg.download)
         labels = data.train_labels.numpy()
-        partition = make_partition(labels, cfg.partition_spec(), data.num_classes)
+        partition = cached_partition(labels, cfg.partition_spec(), data.num_classes)
     except (config.ConfigError, DataError, PartitionError) as exc:
         raise UsageError(str(exc)) from None
     out = Path(args.out)
@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(partition, labels, data.num_classes)
     print(format_summary(cfg.dataset, partition, summary, len(labels)))
     write_partition_json(out / "partition.json", cfg.dataset, partition, summary)
+    from simulations import plots  # matplotlib: 0.5 s, paid only by the command that draws
+
     title = f"{cfg.dataset} · {partition.spec.describe()} · {cfg.num_clients} clients · seed {cfg.seed}"
     plots.label_heatmap(label_counts(partition, labels, data.num_classes), data.classes,
                         out / "label_counts.png", title)

@@ -3,6 +3,7 @@
 from .batches import DeviceBatches
 from .cifar import DATASETS, DataError, ImageDataset, load
 from .partition import SCHEMES, Partition, PartitionError, PartitionSpec, make_partition
+from .partition_cache import cached_partition
 from .report import format_summary, label_counts, partition_record, summarize, write_partition_json
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "PartitionError",
     "PartitionSpec",
     "SCHEMES",
+    "cached_partition",
     "format_summary",
     "label_counts",
     "load",
