@@ -175,7 +175,9 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
     vectorize = str(config["vectorize"])
     if not own and use_batched(vectorize, spec, model, device, len(partition_ids)):  # one start for all
         try:
-            if shift is not None or any(wire.client_record(content, wire.DUAL, pid) is not None for pid in partition_ids):
+            duals = [on_device(wire.client_record(content, wire.DUAL, pid), device) for pid in partition_ids]
+            keeps_duals = spec == "dual-sam"
+            if not keeps_duals and (shift is not None or any(u is not None for u in duals)):
                 raise ValueError(no_duals)
             model.load_state_dict(shared_start)
             fixed = [on_device(wire.client_record(content, wire.PERTURBATION, pid), device) for pid in partition_ids]
@@ -184,9 +186,13 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
                                    corrections=[corrections[pid] for pid in partition_ids],
                                    perturbations=None if all(e is None for e in fixed) else fixed,
                                    global_point=point, global_weight=wire.strategy_value(config, "gf-kappa"),
-                                   **knobs)
-            return {pid: {"arrays": ArrayRecord(state), "metrics": metric_record(result)}
-                    for pid, (state, result) in zip(partition_ids, trained)}
+                                   duals=duals if keeps_duals else None, shift=shift, **knobs)
+            replies = {pid: {"arrays": ArrayRecord(state), "metrics": metric_record(result)}
+                       for pid, (state, result) in zip(partition_ids, trained)}
+            if keeps_duals:  # FedSMOO: each client's u_i goes back, as from the one-client path
+                for pid, u in zip(partition_ids, duals):
+                    replies[pid][wire.DUAL] = ArrayRecord({n: u[n].detach().cpu().clone() for n in names})
+            return replies
         except Exception as exc:  # noqa: BLE001 - retried client by client below, which says whose failure it is
             if not isolate:
                 raise

@@ -14,14 +14,14 @@ leading client dimension and every step runs once for all of them (``torch.func`
 A short batch is padded with zero-weight samples; the loss is the mean over real samples, so the
 padding changes nothing (no BatchNorm here: per-sample normalisation only, see ``batchable``).
 
-Only the built-in rules without per-client optimizer state batch (SGD, SAM, ASAM, FGSM SAM, and
-FedLESAM's ``lesam`` and FedGF's ``gf-sam``, whose ε and ``w̃`` come in the message), with the whole descent
-direction of ``train_locally``: MoFedSAM's and FedCM's momentum mix, each client's round correction
-``b`` (SCAFFOLD, FedDyn, FedProx), the direction decay ``κ·w`` and clipping. FedSMOO's ``dual-sam``
-keeps a per-client dual and Sparse SAM (``ssam-f``, ``ssam-d``) a per-client mask, which have no
-batched rule, and a plug-in optimizer is an object with its own ``step``, which cannot be
-vectorised from outside: these train one client at a time
-(``fedsam.train.train_locally``).
+The built-in rules batch (SGD, SAM, ASAM, FGSM SAM, FedLESAM's ``lesam`` and FedGF's ``gf-sam``,
+whose ε and ``w̃`` come in the message, and FedSMOO's ``dual-sam``, whose per-client dual ``u_i`` is
+stacked like the weights and masked like them), with the whole descent direction of
+``train_locally``: MoFedSAM's and FedCM's momentum mix, each client's round correction ``b``
+(SCAFFOLD, FedDyn, FedProx), the direction decay ``κ·w`` and clipping. Sparse SAM (``ssam-f``,
+``ssam-d``) keeps a per-client mask refreshed by host-side decisions, which has no batched rule,
+and a plug-in optimizer is an object with its own ``step``, which cannot be vectorised from
+outside: these train one client at a time (``fedsam.train.train_locally``).
 """
 
 from __future__ import annotations
@@ -49,11 +49,10 @@ Tensors = dict[str, torch.Tensor]
 
 #: The client rule each batchable built-in optimizer name stands for.
 PERTURBATION = {"sgd": "none", "sam": "sam", "asam": "asam", "fgsm-sam": "fgsm", "lesam": "fixed",
-                "gf-sam": "global-flat"}
+                "gf-sam": "global-flat", "dual-sam": "dual"}
 
 #: Why a built-in optimizer without a batched rule trains one client at a time.
-UNBATCHED = {"dual-sam": "FedSMOO's dual-sam keeps a per-client dual that has no batched rule",
-             "ssam-f": "SSAM-F keeps a per-client mask refreshed by extra Fisher passes, which has no batched rule",
+UNBATCHED = {"ssam-f": "SSAM-F keeps a per-client mask refreshed by extra Fisher passes, which has no batched rule",
              "ssam-d": "SSAM-D keeps a per-client mask refreshed by a top-k inside the step, which has no batched rule"}
 
 
@@ -61,7 +60,7 @@ UNBATCHED = {"dual-sam": "FedSMOO's dual-sam keeps a per-client dual that has no
 class ClientRule:
     """One local step of a built-in optimizer, as numbers: what ``build(spec, ...)`` would do."""
 
-    perturbation: str  # none | sam | asam | fgsm | fixed (FedLESAM's given ε) | global-flat (FedGF's)
+    perturbation: str  # none | sam | asam | fgsm | fixed (FedLESAM's given ε) | global-flat (FedGF's) | dual (FedSMOO's)
     lr: float
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -82,7 +81,9 @@ class ClientRule:
         if values.pop("nesterov", False):
             raise ValueError("Nesterov momentum has no batched rule")
         rule = cls(PERTURBATION[spec], **values)
-        if rule.perturbation != "none" and rule.rho is not None and not rule.rho > 0:
+        if rule.perturbation == "dual" and not rule.rho >= 0:  # as DualSAM: ρ = 0 is its plain-step test hook
+            raise ValueError(f"rho must be >= 0, got {rule.rho}")
+        if rule.perturbation not in ("none", "dual") and rule.rho is not None and not rule.rho > 0:
             raise ValueError(f"rho must be > 0, got {rule.rho}")
         if rule.steps < 1:
             raise ValueError(f"steps must be >= 1, got {rule.steps}")
@@ -221,6 +222,8 @@ def train_cohort(
     perturbations: list[Tensors | None] | None = None,
     global_point: Tensors | None = None,
     global_weight: float = 0.0,
+    duals: list[Tensors | None] | None = None,
+    shift: Tensors | None = None,
     autocast_dtype: torch.dtype | None = None,
     cuda_graph: bool = False,
 ) -> list[tuple[Tensors, LocalResult]]:
@@ -235,6 +238,9 @@ def train_cohort(
     ``perturbations`` holds each client's fixed ``ε`` for ``lesam`` (``None``: none, a plain step),
     as ``FixedPerturbation.load_perturbation``; ``global_point`` and ``global_weight`` are ``gf-sam``'s
     ``w̃`` and ``κ``, as ``GlobalFlatSAM.load_global``.
+    ``duals`` and ``shift`` are ``dual-sam``'s ``u_i`` (in client order; ``None``: zero) and ``s``, as
+    ``DualSAM.load_duals``. ``duals`` is in and out: after the round each entry is replaced by
+    that client's ``u_i`` (on the cohort's device), what ``DualSAM.duals`` reads one client at a time.
     Every step has the same shapes (short batches are padded), so with ``cuda_graph`` on a GPU
     the whole cohort step is captured once and replayed (``fedsam.graphs``).
     """
@@ -266,6 +272,14 @@ def train_cohort(
     if global_point is not None and rule.perturbation != "global-flat":
         raise ValueError(f"optimizer {spec!r} takes no global point (gf-sam does)")
     fixed = _stacked_corrections(perturbations, params, num)  # ε_i, or None: every step at w
+    if (duals is not None or shift is not None) and rule.perturbation != "dual":
+        raise ValueError(f"optimizer {spec!r} keeps no duals (dual-sam does)")
+    if duals is not None and len(duals) != num:
+        raise ValueError(f"duals must have one entry per client ({num}), got {len(duals)}")
+    dual = None
+    if rule.perturbation == "dual":  # u_i, stacked; s, the same for every client
+        dual = _stacked_corrections(duals, params, num) or {n: torch.zeros_like(v) for n, v in params.items()}
+        dual = (dual, None if shift is None else {n: shift[n].to(device=device, dtype=params[n].dtype) for n in names})
     if not 0 <= global_weight <= 1:  # as GlobalFlatSAM.load_global
         raise ValueError(f"kappa must be in [0, 1], got {global_weight}")
     pull = None
@@ -297,7 +311,7 @@ def train_cohort(
         g, (loss, correct) = gradient(at, x, y, w)
         loss_sum.add_(loss.detach().double() * static["count"].double())
         correct_sum.add_(correct.double())
-        g = _descent_gradient(rule, rho, gradient, params, g, x, y, w, weights_nd, pull)
+        g = _descent_gradient(rule, rho, gradient, params, g, x, y, w, weights_nd, pull, dual, static["active"])
         if mix is not None:
             g = {n: momentum_alpha * g[n] + (1.0 - momentum_alpha) * mix[n] for n in names}
         if bias is not None:
@@ -320,6 +334,8 @@ def train_cohort(
             graph()
     if not was_training:
         model.eval()
+    if duals is not None and dual is not None:
+        duals[:] = [{n: u[c].clone() for n, u in dual[0].items()} for c in range(num)]
 
     steps = [epochs * len(c) for c in clients]
     seen = [epochs * len(c.images) for c in clients]
@@ -348,12 +364,23 @@ def _stacked_corrections(corrections: list[Tensors | None] | None, params: Tenso
 
 def _descent_gradient(rule: ClientRule, rho: float | None, gradient, params: Tensors, g: Tensors,
                       x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, weights_nd: dict[str, bool],
-                      pull: tuple[Tensors, float] | None = None) -> Tensors:
+                      pull: tuple[Tensors, float] | None = None,
+                      dual: tuple[Tensors, Tensors | None] | None = None,
+                      active: torch.Tensor | None = None) -> Tensors:
     """The gradient the descent step uses: ``g`` itself (SGD, and lesam's, already taken at its
     ``w + ε``), or the gradient at each client's ``w + ε`` (for gf-sam pulled towards ``w̃`` by κ:
-    ``κ·w̃ + (1 − κ)·(w + ε)``)."""
+    ``κ·w̃ + (1 − κ)·(w + ε)``; for dual-sam ε follows ``g − u − s`` and moves ``u``, for active
+    clients only)."""
     if rule.perturbation in ("none", "fixed"):
         return g
+    if rule.perturbation == "dual":
+        u, s = dual
+        corrected = {n: g[n] - u[n] - s[n] if s is not None else g[n] - u[n] for n in g}  # ĝ = g − u − s
+        eps = _scaled(corrected, rho / (_per_client(corrected, torch.square).sqrt() + XI))
+        for n, v in u.items():  # u ← u + ε − s
+            moved = v + eps[n] - s[n] if s is not None else v + eps[n]
+            v.copy_(torch.where(active.view(-1, *[1] * (v.ndim - 1)), moved, v))
+        return gradient(_combine(params, eps), x, y, w)[0]
     if rule.perturbation in ("sam", "asam", "global-flat"):
         eps = dict(g)
         scale = {}

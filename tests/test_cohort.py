@@ -205,11 +205,11 @@ def test_what_cannot_batch_says_why():
     assert "plug-in" in batchable("torch.optim:Adam", Small())
     bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     assert "BatchNorm" in batchable("sgd", bn)
-    assert "dual" in batchable("dual-sam", Small())
+    assert "mask" in batchable("ssam-f", Small()) and "mask" in batchable("ssam-d", Small())
     with pytest.raises(ValueError, match="no batched rule"):
-        ClientRule.of("dual-sam", {"lr": 0.1})
+        ClientRule.of("ssam-d", {"lr": 0.1})
     with pytest.raises(ValueError, match="cannot be batched"):
-        train_cohort(Small(), "dual-sam", {"lr": 0.1}, [_batches(0, 8)], 1)
+        train_cohort(Small(), "ssam-f", {"lr": 0.1}, [_batches(0, 8)], 1)
     with pytest.raises(ValueError, match="cannot be batched"):
         train_cohort(bn, "sgd", {"lr": 0.1}, [_batches(0, 8)], 1)
 
@@ -279,7 +279,46 @@ def test_batched_gf_sam_pulls_towards_the_global_point_exactly(kappa):
     _assert_same(batched, sequential)
 
 
+@pytest.mark.parametrize("rho", [0.1, 0.0])
+def test_batched_dual_sam_keeps_each_clients_dual_exactly(rho):
+    """FedSMOO: client i perturbs along ``g − u_i − s`` and carries its ``u_i`` on; a client with
+    fewer steps stops moving ``u_i`` when its data stops. ρ = 0 is the plain step (the test hook)."""
+    torch.manual_seed(8)
+    model = Small().double()
+    names = [n for n, _ in model.named_parameters()]
+    duals = _corrections(model, scale=0.02)  # u_0, none for client 1 (zero), u_2
+    shift = {n: 0.01 * torch.randn_like(p) for n, p in model.named_parameters()}
+    options = {"lr": 0.05, "rho": rho, "momentum": 0.5, "weight_decay": 1e-3}
+    kwargs = dict(grad_clip=0.5, direction_decay=0.01)
+    carried = list(duals)
+    batched = train_cohort(model, "dual-sam", options, [_batches(i, n) for i, n in enumerate(SIZES)], 2,
+                           duals=carried, shift=shift, **kwargs)
+    after = []
+
+    def load(i, optimizer):
+        u = duals[i]
+        optimizer.load_duals(None if u is None else [u[n] for n in names], [shift[n] for n in names])
+        after.append(optimizer)
+
+    sequential = _one_by_one_loaded(model, "dual-sam", options, load, **kwargs)
+    _assert_same(batched, sequential)
+    for mine, optimizer in zip(carried, after, strict=True):
+        for name, theirs in zip(names, optimizer.duals()):
+            scale = theirs.abs().max().clamp_min(1e-30)
+            assert ((mine[name] - theirs).abs().max() / scale).item() < 1e-9, name
+    if rho == 0:  # ε = 0: u moves by −s per step, the weights as plain SGD's
+        plain = train_cohort(model, "sgd", options, [_batches(i, n) for i, n in enumerate(SIZES)], 2, **kwargs)
+        _assert_same(batched, plain)
+        steps = [2 * len(_batches(i, n)) for i, n in enumerate(SIZES)]
+        assert torch.allclose(carried[1]["head.3.bias"], -steps[1] * shift["head.3.bias"], rtol=1e-12)
+
+
 def test_a_rule_refuses_the_state_of_another():
+    with pytest.raises(ValueError, match="keeps no duals"):
+        train_cohort(Small(), "sam", {"lr": 0.1}, [_batches(0, 8)], 1, duals=[None])
+    with pytest.raises(ValueError, match="keeps no duals"):
+        train_cohort(Small(), "sgd", {"lr": 0.1}, [_batches(0, 8)], 1,
+                     shift={n: p.detach() for n, p in Small().named_parameters()})
     with pytest.raises(ValueError, match="no fixed perturbation"):
         train_cohort(Small(), "sam", {"lr": 0.1}, [_batches(0, 8)], 1, perturbations=[None])
     with pytest.raises(ValueError, match="no global point"):

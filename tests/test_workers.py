@@ -149,11 +149,13 @@ def _records(out):
 
 @pytest.mark.parametrize("method", [{}, {"strategy": "fedlesam", "optimizer": "lesam"},
                                     {"strategy": "fedgf", "optimizer": "gf-sam", "gf_threshold": 1e-9,
-                                     "gf_window": 1}], ids=["fedavg", "fedlesam", "fedgf"])
+                                     "gf_window": 1}, {"strategy": "fedsmoo", "optimizer": "dual-sam"}],
+                         ids=["fedavg", "fedlesam", "fedgf", "fedsmoo"])
 @pytest.mark.long
 def test_a_whole_run_gives_the_same_metrics_with_the_engine_on_and_off(cifar10_dir, tmp_path, method, monkeypatch):
-    """FedLESAM's per-client ε and FedGF's global point (κ = 1 from round 2: every round above a
-    tiny τ_D) reach the batched engine as they reach one client at a time."""
+    """FedLESAM's per-client ε, FedGF's global point (κ = 1 from round 2: every round above a
+    tiny τ_D) and FedSMOO's duals and global perturbation reach the batched engine as they reach
+    one client at a time, and FedSMOO's duals come back from it."""
     import fedsam.client_app
 
     off = run_inprocess(_run_cfg(cifar10_dir, tmp_path / "off", vectorize="off", **method))
@@ -161,16 +163,19 @@ def test_a_whole_run_gives_the_same_metrics_with_the_engine_on_and_off(cifar10_d
 
     def counted(*args, **kwargs):
         out = real(*args, **kwargs)  # a cohort that raised would fall back to one by one unseen
-        batched.append(kwargs.get("perturbations") is not None or kwargs.get("global_point") is not None)
+        batched.append(kwargs.get("perturbations") is not None or kwargs.get("global_point") is not None
+                       or kwargs.get("shift") is not None or any(u is not None for u in kwargs.get("duals") or []))
         return out
 
     monkeypatch.setattr(fedsam.client_app, "train_cohort", counted)
     on = run_inprocess(_run_cfg(cifar10_dir, tmp_path / "on", vectorize="on", workers=2, **method),
                        available_workers=2)
     assert len(batched) == 3 * 2  # every cohort of every round trained batched
-    if method:  # FedLESAM's ε or FedGF's w̃ went into the batched step in a later round
+    if method:  # FedLESAM's ε, FedGF's w̃ or FedSMOO's u_i and s went into the batched step in a later round
         assert any(batched)
-    assert off["final_test_accuracy"] == pytest.approx(on["final_test_accuracy"], abs=2e-3)
+    # accuracy counts argmax decisions: a float32-level difference may flip one near-tie (FedSMOO's
+    # normalised ĝ = g − u − s amplifies rounding the most); the losses below hold to 1e-4
+    assert abs(off["final_test_accuracy"] - on["final_test_accuracy"]) <= 1 / 200 + 1e-12  # one test image
     for a, b in zip(_records(tmp_path / "off"), _records(tmp_path / "on"), strict=True):
         assert (a["round"], a["clients"], a["failed_clients"], a["local_steps"]) == \
             (b["round"], b["clients"], b["failed_clients"], b["local_steps"])
