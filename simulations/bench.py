@@ -29,8 +29,10 @@ import platform
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -262,14 +264,43 @@ def _steady_median(seconds: list[float]) -> float:
     return statistics.median(seconds[1:] or seconds)
 
 
-def _timed_fedsam_run(flags: dict[str, Any]) -> tuple[float, list[float]]:
+@dataclass(frozen=True)
+class TimedRun:
+    """One ``fedsam run`` timed from outside: launch to exit, launch to round 1's progress line,
+    and each round's own seconds (``metrics.jsonl``)."""
+
+    wall: float
+    round_one_done: float
+    rounds: list[float]
+
+    @property
+    def startup(self) -> float:
+        """Launch to the start of round 1: Python, imports, the checks, Ray and Flower."""
+        return self.round_one_done - self.rounds[0]
+
+    @property
+    def teardown(self) -> float:
+        """After the last round: the final files and Ray's shutdown."""
+        return self.wall - self.round_one_done - sum(self.rounds[1:])
+
+
+def _timed_fedsam_run(flags: dict[str, Any]) -> TimedRun:
     started = time.perf_counter()
-    proc = subprocess.run(run_command(flags), capture_output=True, text=True, timeout=3600)
+    round_one_done, tail = None, []
+    with subprocess.Popen(run_command(flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        watchdog = threading.Timer(3600, proc.kill)
+        watchdog.start()
+        for line in proc.stdout:  # stamped as they come: round 1's line marks the end of round 1
+            if round_one_done is None and results.RunRecorder.progress_round(line) == 1:
+                round_one_done = time.perf_counter() - started
+            tail = (tail + [line.rstrip()])[-5:]
+        returncode = proc.wait()
+        watchdog.cancel()
     wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"the fedsam run for (c) failed: {proc.stderr.strip().splitlines()[-1:]}")
+    if returncode != 0 or round_one_done is None:
+        raise RuntimeError(f"the fedsam run for (c) failed: {tail[-1:]}")
     records = results.read_metrics(Path(flags["out"]))
-    return wall, [r["seconds"] for r in records]
+    return TimedRun(wall, round_one_done, [r["seconds"] for r in records])
 
 
 def overhead(device: torch.device, quick: bool, data_dir: str | None, rounds: int, scratch: Path) -> dict[str, Any]:
@@ -285,7 +316,7 @@ def overhead(device: torch.device, quick: bool, data_dir: str | None, rounds: in
     flags = {"data_dir": data_dir, "num_clients": clients, "clients_per_round": per_round, "rounds": rounds,
              "strategy": "fedavg", "optimizer": "sgd", "batch_size": 32, "local_epochs": 1,
              "device": device.type, "checkpoint_every": rounds, "out": str(scratch / "run")}
-    wall, flower_rounds = _timed_fedsam_run(flags)
+    run = _timed_fedsam_run(flags)
     cfg = configuration.apply(configuration.ExperimentConfig(), flags, "bench").resolved()
     data = load("cifar10", data_dir)
     plain_loop(cfg, data, 1)  # warm-up: dataset on the device, partition, model
@@ -295,22 +326,27 @@ def overhead(device: torch.device, quick: bool, data_dir: str | None, rounds: in
     result = {
         "rounds": rounds, "clients": clients, "clients_per_round": per_round, "model": "cnn", "optimizer": "sgd",
         "num_cpus_per_client": 1,
-        "fedsam_run_wall_seconds": wall,
-        "startup_seconds": wall - sum(flower_rounds),
-        "first_round_extra_seconds": flower_rounds[0] - _steady_median(flower_rounds),
-        "round_seconds_fedsam_run": flower_rounds,
+        "fedsam_run_wall_seconds": run.wall,
+        "startup_seconds": run.startup,
+        "startup_plus_round_one_seconds": run.round_one_done,
+        "first_round_extra_seconds": run.rounds[0] - _steady_median(run.rounds),
+        "teardown_seconds": run.teardown,
+        "round_seconds_fedsam_run": run.rounds,
         "round_seconds_plain_loop": plain,
-        "per_round_overhead_ratio": _steady_median(flower_rounds) / plain_round,
+        "per_round_overhead_ratio": _steady_median(run.rounds) / plain_round,
         "round_seconds_per_image_loop": peer,
-        "fedsam_run_vs_per_image_loop": _steady_median(flower_rounds) / _steady_median(peer),
-        "note": "round 1 of fedsam run includes starting the Ray workers; the ratio uses rounds 2..R",
+        "fedsam_run_vs_per_image_loop": _steady_median(run.rounds) / _steady_median(peer),
+        "note": "round 1 of fedsam run includes starting the Ray workers; the ratio uses rounds 2..R; start-up and "
+                "round 1 are timed from launch to round 1's progress line",
     }
     if not quick:
         cores = os.cpu_count() or 1
-        wall, matched = _timed_fedsam_run({**flags, "num_cpus_per_client": cores, "out": str(scratch / "run-matched")})
-        result["matched_threads"] = {"num_cpus_per_client": cores, "fedsam_run_wall_seconds": wall,
-                                     "startup_seconds": wall - sum(matched), "round_seconds_fedsam_run": matched,
-                                     "per_round_overhead_ratio": _steady_median(matched) / plain_round}
+        matched = _timed_fedsam_run({**flags, "num_cpus_per_client": cores, "out": str(scratch / "run-matched")})
+        result["matched_threads"] = {"num_cpus_per_client": cores, "fedsam_run_wall_seconds": matched.wall,
+                                     "startup_seconds": matched.startup,
+                                     "startup_plus_round_one_seconds": matched.round_one_done,
+                                     "round_seconds_fedsam_run": matched.rounds,
+                                     "per_round_overhead_ratio": _steady_median(matched.rounds) / plain_round}
     return result
 
 
@@ -433,8 +469,10 @@ def run(args: argparse.Namespace) -> int:
             result = overhead(device, args.quick, args.data_dir, rounds, scratch)
             report["overhead"] = result
             print(f"\n(c) framework overhead, {rounds} rounds of FedAvg-SGD on {result['clients']} clients")
-            print(f"  fedsam run start-up (Python, Ray, Flower): {result['startup_seconds']:.1f} s, "
-                  f"plus {result['first_round_extra_seconds']:.1f} s in round 1 (starting the Ray workers)")
+            print(f"  fedsam run start-up (Python, Ray, Flower): {result['startup_seconds']:.1f} s; round 1 ends "
+                  f"{result['startup_plus_round_one_seconds']:.1f} s after launch ({result['first_round_extra_seconds']:.1f} s "
+                  f"more than a later round: starting the Ray workers); {result['teardown_seconds']:.1f} s after "
+                  "the last round (final files, Ray's shutdown)")
             print(f"  per round: fedsam run {_steady_median(result['round_seconds_fedsam_run']):.2f} s, "
                   f"plain loop {_steady_median(result['round_seconds_plain_loop']):.2f} s "
                   f"→ ratio {result['per_round_overhead_ratio']:.2f}", flush=True)

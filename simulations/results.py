@@ -168,6 +168,7 @@ class RunRecorder:
             print(self.progress_line(record), flush=True)
 
     def progress_line(self, record: dict[str, Any]) -> str:
+        """``round  3/20 · test acc ...``: what a run prints after each round (``progress_round`` reads it)."""
         done = record["round"] - self.first_round + 1
         elapsed = time.monotonic() - self.started  # this session's pace gives the ETA
         eta = elapsed / done * (self.rounds - record["round"])
@@ -182,6 +183,12 @@ class RunRecorder:
         parts.append(f"{record['seconds']:.1f} s")
         parts.append(f"elapsed {duration(self.earlier_seconds + elapsed)}  ETA {duration(eta)}")
         return " · ".join(parts)
+
+    @staticmethod
+    def progress_round(line: str) -> int | None:
+        """The round a progress line reports, ``None`` for any other line (for tools that watch a run)."""
+        words = line.split("/", 1)[0].split()
+        return int(words[1]) if len(words) == 2 and words[0] == "round" and words[1].isdigit() else None
 
     def finish(self, model_state: dict[str, torch.Tensor], wall_seconds: float,
                global_state: dict[str, torch.Tensor] | None = None) -> dict:

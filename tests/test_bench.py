@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-
-import pytest
 import math
 import subprocess
 import sys
+
+import pytest
 
 from tests.helpers import ROOT, run_cli
 
@@ -36,6 +36,8 @@ def test_quick_bench_writes_every_part(tmp_path):
     overhead = report["overhead"]
     assert len(overhead["round_seconds_fedsam_run"]) == len(overhead["round_seconds_plain_loop"]) == overhead["rounds"]
     assert _positive(overhead["per_round_overhead_ratio"]) and overhead["startup_seconds"] > 0
+    assert overhead["startup_seconds"] < overhead["startup_plus_round_one_seconds"] < overhead["fedsam_run_wall_seconds"]
+    assert overhead["teardown_seconds"] > 0
     assert len(overhead["round_seconds_per_image_loop"]) == overhead["rounds"]
     assert _positive(overhead["fedsam_run_vs_per_image_loop"])
     for r in report["data_path"]:
@@ -88,3 +90,17 @@ def test_the_peers_per_image_loader_augments_like_device_batches():
     theirs, mine = torch.cat([x for x, _ in first]), torch.cat([x for x, _ in ours])
     assert theirs.mean().item() == pytest.approx(mine.mean().item(), abs=0.05)
     assert theirs.std().item() == pytest.approx(mine.std().item(), rel=0.05)
+
+
+@pytest.mark.parametrize("rounds", [1, 9, 20, 150])
+def test_the_bench_reads_the_round_off_a_progress_line(tmp_path, rounds):
+    """The bench times round 1 by its progress line; it must read the line a run prints, at any width."""
+    from simulations.results import RunRecorder
+
+    recorder = RunRecorder(tmp_path, rounds=rounds, title="t", echo=False)
+    for rnd in sorted({1, rounds}):
+        line = recorder.progress_line({"round": rnd, "test_accuracy": 0.5, "test_loss": 1.0, "train_loss": 0.5,
+                                       "seconds": 2.0})
+        assert RunRecorder.progress_round(line + "\n") == rnd
+    for other in ("fedsam run → runs/x: fedavg with sgd", "done in 3.0 s", "rounds 1/2", "round x/2", ""):
+        assert RunRecorder.progress_round(other) is None
