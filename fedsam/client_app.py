@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedsam import wire
-from fedsam.cohort import train_cohort, use_batched
+from fedsam.cohort import PERTURBATION as BATCHED_RULE, train_cohort, use_batched
 from fedsam.data import DeviceBatches
 from fedsam.optim import BUILTIN, DualSAM, FixedPerturbation, GlobalFlatSAM, SparseSAM
 from fedsam.runtime import autocast_dtype, memory_format, resolve_device, round_seed, use_cuda_graphs
@@ -130,6 +130,11 @@ def load_sparse_state(optimizer: SparseSAM, model: torch.nn.Module, content: Rec
     optimizer.fisher_loss = fisher_loss
 
 
+def dual_record(names: list[str], duals: list[torch.Tensor]) -> ArrayRecord:
+    """A client's FedSMOO dual ``u_i`` for the reply, on the host and detached from training."""
+    return ArrayRecord({n: u.detach().cpu().clone() for n, u in zip(names, duals, strict=True)})
+
+
 def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: str,
                      isolate: bool) -> dict[int, dict[str, ArrayRecord | MetricRecord] | str]:
     """Train each listed partition from the message's global arrays: batched when ``fedsam.cohort``
@@ -176,7 +181,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
     if not own and use_batched(vectorize, spec, model, device, len(partition_ids)):  # one start for all
         try:
             duals = [on_device(wire.client_record(content, wire.DUAL, pid), device) for pid in partition_ids]
-            keeps_duals = spec == "dual-sam"
+            keeps_duals = BATCHED_RULE.get(spec) == "dual"
             if not keeps_duals and (shift is not None or any(u is not None for u in duals)):
                 raise ValueError(no_duals)
             model.load_state_dict(shared_start)
@@ -191,7 +196,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
                        for pid, (state, result) in zip(partition_ids, trained)}
             if keeps_duals:  # FedSMOO: each client's u_i goes back, as from the one-client path
                 for pid, u in zip(partition_ids, duals):
-                    replies[pid][wire.DUAL] = ArrayRecord({n: u[n].detach().cpu().clone() for n in names})
+                    replies[pid][wire.DUAL] = dual_record(names, [u[n] for n in names])
             return replies
         except Exception as exc:  # noqa: BLE001 - retried client by client below, which says whose failure it is
             if not isolate:
@@ -233,8 +238,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
                                    correction=corrections[pid], **knobs)
             out[pid] = {"arrays": ArrayRecord(model.state_dict()), "metrics": metric_record(result)}
             if isinstance(optimizer, DualSAM):
-                out[pid][wire.DUAL] = ArrayRecord({n: u.detach().cpu().clone()
-                                                   for n, u in zip(names, optimizer.duals())})
+                out[pid][wire.DUAL] = dual_record(names, optimizer.duals())
             if isinstance(optimizer, SparseSAM):  # the mask and epoch count, kept for this client's next round
                 state = {n: m.detach().cpu().bool() for n, m in zip(names, optimizer.mask())}  # 1 byte an entry
                 state[SPARSE_EPOCH] = torch.tensor(optimizer.epoch)

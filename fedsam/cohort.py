@@ -60,7 +60,7 @@ UNBATCHED = {"ssam-f": "SSAM-F keeps a per-client mask refreshed by extra Fisher
 class ClientRule:
     """One local step of a built-in optimizer, as numbers: what ``build(spec, ...)`` would do."""
 
-    perturbation: str  # none | sam | asam | fgsm | fixed (FedLESAM's given ε) | global-flat (FedGF's) | dual (FedSMOO's)
+    perturbation: str  # none | sam | asam | fgsm | fixed (FedLESAM's ε) | global-flat (FedGF's) | dual (FedSMOO's)
     lr: float
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -240,7 +240,7 @@ def train_cohort(
     ``w̃`` and ``κ``, as ``GlobalFlatSAM.load_global``.
     ``duals`` and ``shift`` are ``dual-sam``'s ``u_i`` (in client order; ``None``: zero) and ``s``, as
     ``DualSAM.load_duals``. ``duals`` is in and out: after the round each entry is replaced by
-    that client's ``u_i`` (on the cohort's device), what ``DualSAM.duals`` reads one client at a time.
+    that client's ``u_i`` (a view on the cohort's device), what ``DualSAM.duals`` reads one client at a time.
     Every step has the same shapes (short batches are padded), so with ``cuda_graph`` on a GPU
     the whole cohort step is captured once and replayed (``fedsam.graphs``).
     """
@@ -335,7 +335,7 @@ def train_cohort(
     if not was_training:
         model.eval()
     if duals is not None and dual is not None:
-        duals[:] = [{n: u[c].clone() for n, u in dual[0].items()} for c in range(num)]
+        duals[:] = [{n: u[c] for n, u in dual[0].items()} for c in range(num)]
 
     steps = [epochs * len(c) for c in clients]
     seen = [epochs * len(c.images) for c in clients]

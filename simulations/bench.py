@@ -23,9 +23,12 @@ figures and a description of the machine to ``--out`` (JSON).
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -275,30 +278,51 @@ class TimedRun:
 
     @property
     def startup(self) -> float:
-        """Launch to the start of round 1: Python, imports, the checks, Ray and Flower."""
+        """Launch until the ServerApp starts round 1's clock: Python, imports, the checks, Flower's
+        set-up (Ray's own start runs on into round 1, beside it)."""
         return self.round_one_done - self.rounds[0]
 
     @property
     def teardown(self) -> float:
-        """After the last round: the final files and Ray's shutdown."""
+        """After the last round's line: its checkpoint, the final files and Ray's shutdown."""
         return self.wall - self.round_one_done - sum(self.rounds[1:])
+
+
+RUN_TIMEOUT = 3600  # seconds a timed fedsam run may take before the bench gives up on it
 
 
 def _timed_fedsam_run(flags: dict[str, Any]) -> TimedRun:
     started = time.perf_counter()
-    round_one_done, tail = None, []
-    with subprocess.Popen(run_command(flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        watchdog = threading.Timer(3600, proc.kill)
-        watchdog.start()
+    round_one_done, tail = None, collections.deque(maxlen=5)
+    proc = subprocess.Popen(run_command(flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            encoding="utf-8", errors="replace", start_new_session=True)  # its own group: Ray too
+    expired = threading.Event()
+
+    def stop() -> None:
+        expired.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    watchdog = threading.Timer(RUN_TIMEOUT, stop)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
         for line in proc.stdout:  # stamped as they come: round 1's line marks the end of round 1
             if round_one_done is None and results.RunRecorder.progress_round(line) == 1:
                 round_one_done = time.perf_counter() - started
-            tail = (tail + [line.rstrip()])[-5:]
+            tail.append(line.rstrip())
         returncode = proc.wait()
+    except BaseException:  # Ctrl-C too: the run is in a session of its own and would not see it
+        stop()
+        raise
+    finally:
         watchdog.cancel()
+        proc.stdout.close()
     wall = time.perf_counter() - started
+    if expired.is_set():
+        raise RuntimeError(f"the fedsam run for (c) took over {RUN_TIMEOUT} s and was stopped")
     if returncode != 0 or round_one_done is None:
-        raise RuntimeError(f"the fedsam run for (c) failed: {tail[-1:]}")
+        raise RuntimeError("the fedsam run for (c) failed; its last lines:\n" + "\n".join(tail))
     records = results.read_metrics(Path(flags["out"]))
     return TimedRun(wall, round_one_done, [r["seconds"] for r in records])
 
@@ -469,10 +493,10 @@ def run(args: argparse.Namespace) -> int:
             result = overhead(device, args.quick, args.data_dir, rounds, scratch)
             report["overhead"] = result
             print(f"\n(c) framework overhead, {rounds} rounds of FedAvg-SGD on {result['clients']} clients")
-            print(f"  fedsam run start-up (Python, Ray, Flower): {result['startup_seconds']:.1f} s; round 1 ends "
-                  f"{result['startup_plus_round_one_seconds']:.1f} s after launch ({result['first_round_extra_seconds']:.1f} s "
-                  f"more than a later round: starting the Ray workers); {result['teardown_seconds']:.1f} s after "
-                  "the last round (final files, Ray's shutdown)")
+            print(f"  fedsam run start-up (Python, the checks, Flower): {result['startup_seconds']:.1f} s; "
+                  f"round 1 ends {result['startup_plus_round_one_seconds']:.1f} s after launch "
+                  f"({result['first_round_extra_seconds']:.1f} s more than a later round: starting the Ray workers); "
+                  f"{result['teardown_seconds']:.1f} s after the last round (final files, Ray's shutdown)")
             print(f"  per round: fedsam run {_steady_median(result['round_seconds_fedsam_run']):.2f} s, "
                   f"plain loop {_steady_median(result['round_seconds_plain_loop']):.2f} s "
                   f"→ ratio {result['per_round_overhead_ratio']:.2f}", flush=True)

@@ -66,7 +66,13 @@ def test_the_key_follows_labels_spec_and_classes():
     assert key not in changed and len(set(changed)) == len(changed)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "duplicate", "too few clients", "out of range"])
+def test_the_key_follows_the_drawing_code_and_libraries(monkeypatch):
+    key = cache_key(LABELS, _spec("iid"), 10)
+    monkeypatch.setattr(partition_cache, "_code_version", lambda: "partition.py edited;numpy=9.9")
+    assert cache_key(LABELS, _spec("iid"), 10) != key
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "duplicate", "too few clients", "out of range"])
 def test_a_damaged_file_is_drawn_again_and_replaced(damage, cache, monkeypatch):
     spec = _spec("dirichlet")
     drawn = make_partition(LABELS, spec, 10)
@@ -75,6 +81,8 @@ def test_a_damaged_file_is_drawn_again_and_replaced(damage, cache, monkeypatch):
     clients = [c.copy() for c in drawn.clients]
     if damage == "garbage":
         path.write_bytes(b"not a numpy archive")
+    elif damage == "truncated":  # still starts like a zip archive
+        path.write_bytes(path.read_bytes()[:200])
     else:
         if damage == "duplicate":
             clients[1][0] = clients[0][0]
@@ -93,7 +101,7 @@ def test_a_damaged_file_is_drawn_again_and_replaced(damage, cache, monkeypatch):
 def test_off_and_unwritable_caches_still_give_the_split(tmp_path, monkeypatch):
     spec = _spec("quantity")
     drawn = make_partition(LABELS, spec, 10)
-    monkeypatch.setenv(CACHE_ENV, "off")
+    monkeypatch.setenv(CACHE_ENV, "OFF")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     _same(cached_partition(LABELS, spec, 10), drawn)
@@ -102,6 +110,25 @@ def test_off_and_unwritable_caches_still_give_the_split(tmp_path, monkeypatch):
     blocker.write_text("in the way")
     monkeypatch.setenv(CACHE_ENV, str(blocker))  # the cache folder cannot be made
     _same(cached_partition(LABELS, spec, 10), drawn)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_relative_cache_folder_is_the_same_for_every_process(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(CACHE_ENV, "cache")
+    assert partition_cache.cache_dir() == tmp_path.resolve() / "cache" / "partitions"
+
+
+def test_processes_drawing_the_same_split_at_once_all_get_it(cache):
+    """A run's workers may miss the cache together; each writes whole files, none sees a torn one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = _spec("dirichlet-equal")
+    drawn = make_partition(LABELS, spec, 10)
+    with ThreadPoolExecutor(4) as pool:
+        for got in pool.map(lambda _: cached_partition(LABELS, spec, 10), range(8)):
+            _same(got, drawn)
+    assert len(list(cache.glob("*.npz"))) == 1 and not list(cache.glob("*.tmp"))
 
 
 def test_bad_specs_fail_as_before(cache):
@@ -118,8 +145,8 @@ def test_a_process_with_a_warm_cache_never_imports_flwr_datasets(cache):
     cached_partition(LABELS, spec, 10)
     script = ("import sys, numpy as np\n"
               "from fedsam.data import PartitionSpec, cached_partition\n"
-              f"labels = np.random.default_rng(1).permutation(np.arange(600) % 10)\n"
-              f"part = cached_partition(labels, PartitionSpec('dirichlet', 7, 3, dirichlet_alpha=0.1), 10)\n"
+              "labels = np.random.default_rng(1).permutation(np.arange(600) % 10)\n"
+              "part = cached_partition(labels, PartitionSpec('dirichlet', 7, 3, dirichlet_alpha=0.1), 10)\n"
               "print(sum(map(len, part.clients)), 'flwr_datasets' in sys.modules, 'datasets' in sys.modules)\n")
     env_run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert env_run.returncode == 0, env_run.stderr

@@ -173,9 +173,10 @@ def test_a_whole_run_gives_the_same_metrics_with_the_engine_on_and_off(cifar10_d
     assert len(batched) == 3 * 2  # every cohort of every round trained batched
     if method:  # FedLESAM's ε, FedGF's w̃ or FedSMOO's u_i and s went into the batched step in a later round
         assert any(batched)
-    # accuracy counts argmax decisions: a float32-level difference may flip one near-tie (FedSMOO's
-    # normalised ĝ = g − u − s amplifies rounding the most); the losses below hold to 1e-4
-    assert abs(off["final_test_accuracy"] - on["final_test_accuracy"]) <= 1 / 200 + 1e-12  # one test image
+    # accuracy counts argmax decisions: FedSMOO's normalised ĝ = g − u − s amplifies float32 rounding
+    # enough to flip one near-tie of the 200 test images; its losses below still hold to 1e-4
+    flips = 1 if method.get("strategy") == "fedsmoo" else 0
+    assert abs(off["final_test_accuracy"] - on["final_test_accuracy"]) <= flips / 200 + 1e-12
     for a, b in zip(_records(tmp_path / "off"), _records(tmp_path / "on"), strict=True):
         assert (a["round"], a["clients"], a["failed_clients"], a["local_steps"]) == \
             (b["round"], b["clients"], b["failed_clients"], b["local_steps"])

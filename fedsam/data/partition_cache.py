@@ -9,8 +9,9 @@ A split is a pure function of the labels, its spec and the code that draws it, s
 is a hash of exactly those: the labels' bytes, the number of classes, every field of the spec,
 this package's ``partition.py`` source and the versions of flwr-datasets, ``datasets`` and
 numpy. A file is checked before it is used (the spec's number of clients, no sample twice, every
-sample accounted for); one that fails, or cannot be read, is made again. The cache only ever
-saves time: where it cannot be written, it is skipped without a word.
+sample accounted for); one that fails, or cannot be read, is made again. The checks catch a
+damaged file; that a file is *this* split rests on the key. The cache only ever saves time: where
+it cannot be found, read or written, it is skipped without a word.
 
 Where: ``$FEDSAM_CACHE/partitions``, else ``$XDG_CACHE_HOME/fedsam/partitions``, else
 ``~/.cache/fedsam/partitions``. ``FEDSAM_CACHE=off`` turns it off.
@@ -22,6 +23,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -35,13 +37,18 @@ OFF = "off"
 
 
 def cache_dir() -> Path | None:
-    """Where splits are kept, or ``None`` when the cache is off."""
-    setting = os.environ.get(CACHE_ENV, "")
-    if setting == OFF:
+    """Where splits are kept (absolute, so every process of a run finds the same folder), or
+    ``None`` when the cache is off or there is no home to keep it in."""
+    setting = os.environ.get(CACHE_ENV, "").strip()
+    if setting.lower() == OFF:
         return None
-    if setting:
-        return Path(setting) / "partitions"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedsam" / "partitions"
+    try:
+        if setting:
+            return Path(setting).expanduser().resolve() / "partitions"
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(base).expanduser().resolve() / "fedsam" / "partitions"
+    except (RuntimeError, OSError):  # no HOME, or a path that cannot be resolved
+        return None
 
 
 @functools.cache
@@ -58,6 +65,7 @@ def _code_version() -> str:
 
 
 def cache_key(labels: np.ndarray, spec: PartitionSpec, num_classes: int) -> str:
+    """The file name of this split: a hash of everything the draw depends on."""
     digest = hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
     digest.update(repr((num_classes, dataclasses.astuple(spec), _code_version())).encode())
     return digest.hexdigest()
@@ -70,10 +78,10 @@ def _read(path: Path, spec: PartitionSpec, num_samples: int) -> Partition | None
             unassigned = stored["unassigned"].astype(np.int64)
             moved = int(stored["moved"])
             extra = len(stored.files) - spec.num_clients - 2
-    except (OSError, KeyError, ValueError):
+        everything = np.concatenate([*clients, unassigned])
+    except Exception:  # noqa: BLE001 - truncated, not a zip, wrong shapes: any of it means "draw again"
         return None
-    everything = np.concatenate([*clients, unassigned])
-    if extra != 0 or len(everything) != num_samples or not all(len(c) for c in clients):
+    if extra != 0 or everything.ndim != 1 or len(everything) != num_samples:
         return None
     if everything.min(initial=0) < 0 or everything.max(initial=0) >= num_samples:
         return None
@@ -84,15 +92,21 @@ def _read(path: Path, spec: PartitionSpec, num_samples: int) -> Partition | None
 
 def _write(path: Path, partition: Partition) -> None:
     arrays = {f"client_{i}": c for i, c in enumerate(partition.clients)}
+    scratch = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-        with open(scratch, "wb") as handle:
-            np.savez(handle, unassigned=partition.unassigned, moved=np.int64(partition.moved_to_empty_clients),
-                     **arrays)
+        handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+        with os.fdopen(handle, "wb") as out:
+            np.savez(out, unassigned=partition.unassigned, moved=np.int64(partition.moved_to_empty_clients), **arrays)
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(scratch, path)  # atomic: a reader sees the whole file or none
+        scratch = None
     except OSError:
         pass
+    finally:
+        if scratch is not None:
+            Path(scratch).unlink(missing_ok=True)
 
 
 def cached_partition(labels: np.ndarray, spec: PartitionSpec, num_classes: int) -> Partition:
@@ -103,7 +117,10 @@ def cached_partition(labels: np.ndarray, spec: PartitionSpec, num_classes: int) 
     if folder is None:
         return make_partition(labels, spec, num_classes)
     path = folder / f"{cache_key(labels, spec, num_classes)}.npz"
-    found = _read(path, spec, len(labels)) if path.is_file() else None
+    try:
+        found = _read(path, spec, len(labels)) if path.is_file() else None
+    except OSError:  # a folder this process may not search
+        found = None
     if found is not None:
         return found
     made = make_partition(labels, spec, num_classes)
