@@ -144,19 +144,22 @@ class KilledAfter(InProcessGrid):
 
 
 @pytest.mark.parametrize("changes", [dict(strategy="fedgloss", gloss_warmup=2, swa_start=2),
-                                     dict(strategy="fedlesam", swa_start=2)],
-                         ids=["fedgloss-duals-and-swa", "fedlesam-memory-and-swa"])
+                                     dict(strategy="fedlesam", swa_start=2), dict(strategy="scaffold"),
+                                     dict(strategy="feddyn"), dict(strategy="fedsmoo", optimizer="dual-sam")],
+                         ids=["fedgloss-duals-and-swa", "fedlesam-memory-and-swa", "scaffold-c_i", "feddyn-h_i",
+                              "fedsmoo-duals"])
 def test_a_run_killed_after_a_checkpoint_resumes_exactly(cifar10_dir, tmp_path, changes):
-    """The state of the global-perturbation methods and of SWA travels in the checkpoint: a run
-    stopped after round 2 and resumed equals the uninterrupted run (the subprocess kill -9 of
-    test_resilience.py resumes through the same checkpoint)."""
+    """The state of the global-perturbation methods, of SWA and the client state kept on the server
+    (SCAFFOLD's c_i, FedDyn's h_i, FedSMOO's duals) travels in the checkpoint: a run stopped after
+    round 2 and resumed equals the uninterrupted run (test_resilience.py kills a real run with -9
+    and resumes it through the same checkpoint)."""
     whole = _run(cifar10_dir, tmp_path / "whole", **changes)
     values = {"data_dir": str(cifar10_dir), "out": str(tmp_path / "part"), **BASE, **changes}
     cfg = configuration.apply(configuration.ExperimentConfig(), values, "test").resolved()
     with pytest.raises(KeyboardInterrupt):
         run_inprocess(cfg, KilledAfter(app, cfg.num_clients, rounds=2))
     state = checkpoint.load(tmp_path / "part")
-    assert state["round"] == 2 and "swa" in state["strategy"]
+    assert state["round"] == 2 and ("swa" in state["strategy"]) == ("swa_start" in changes)
     run_inprocess(cfg, resume=state)
     assert _records(tmp_path / "part") == _records(whole)
     _same_model(tmp_path / "part", whole)

@@ -48,8 +48,7 @@ def reference(cifar10_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(cifar10_dir, tmp_path_factory):
-    """Uninterrupted runs of the methods whose clients keep state between rounds (SCAFFOLD's c_i,
-    FedDyn's h_i), which a checkpoint must carry and a resume restore exactly."""
+    """Uninterrupted runs of the ``KILLED`` cases, which a checkpoint must carry and a resume restore exactly."""
     def run(case):
         out = tmp_path_factory.mktemp(case) / "run"
         changes = KILLED[case]
@@ -58,10 +57,11 @@ def uninterrupted(cifar10_dir, tmp_path_factory):
     return {case: run(case) for case in KILLED}
 
 
-#: The runs killed with -9 and resumed: client state on the server (SCAFFOLD's c_i, FedDyn's h_i),
-#: and the batched engine (cohorts of clients in two fat workers, with MoFedSAM's momentum).
-KILLED = {"scaffold": {"strategy": "scaffold"}, "feddyn": {"strategy": "feddyn"},
-          "mofedsam-batched": {"strategy": "mofedsam", "vectorize": "on", "workers": 2}}
+#: The run killed with -9 and resumed: the batched engine (cohorts of clients in two fat workers, with
+#: MoFedSAM's momentum as strategy state). That each method's own state (SCAFFOLD's c_i, FedDyn's h_i,
+#: FedSMOO's duals, ...) travels in the checkpoint is tested in process, where it costs a tenth
+#: (test_family_run.py::test_a_run_killed_after_a_checkpoint_resumes_exactly).
+KILLED = {"mofedsam-batched": {"strategy": "mofedsam", "vectorize": "on", "workers": 2}}
 
 
 @pytest.mark.processes

@@ -158,7 +158,8 @@ def test_a_whole_run_gives_the_same_metrics_with_the_engine_on_and_off(cifar10_d
     one client at a time, and FedSMOO's duals come back from it."""
     import fedsam.client_app
 
-    off = run_inprocess(_run_cfg(cifar10_dir, tmp_path / "off", vectorize="off", **method))
+    rounds = 2  # round 2 carries what round 1 left: FedLESAM's ε, FedGF's w̃, FedSMOO's u_i and s
+    off = run_inprocess(_run_cfg(cifar10_dir, tmp_path / "off", vectorize="off", rounds=rounds, **method))
     batched, real = [], fedsam.client_app.train_cohort
 
     def counted(*args, **kwargs):
@@ -168,22 +169,22 @@ def test_a_whole_run_gives_the_same_metrics_with_the_engine_on_and_off(cifar10_d
         return out
 
     monkeypatch.setattr(fedsam.client_app, "train_cohort", counted)
-    on = run_inprocess(_run_cfg(cifar10_dir, tmp_path / "on", vectorize="on", workers=2, **method),
+    on = run_inprocess(_run_cfg(cifar10_dir, tmp_path / "on", vectorize="on", workers=2, rounds=rounds, **method),
                        available_workers=2)
-    assert len(batched) == 3 * 2  # every cohort of every round trained batched
+    assert len(batched) == rounds * 2  # every cohort of every round trained batched
     if method:  # FedLESAM's ε, FedGF's w̃ or FedSMOO's u_i and s went into the batched step in a later round
         assert any(batched)
-    # accuracy counts argmax decisions: FedSMOO's normalised ĝ = g − u − s amplifies float32 rounding
-    # enough to flip one near-tie of the 200 test images; its losses below still hold to 1e-4
-    flips = 1 if method.get("strategy") == "fedsmoo" else 0
-    assert abs(off["final_test_accuracy"] - on["final_test_accuracy"]) <= flips / 200 + 1e-12
+    # accuracy counts argmax decisions, and the two engines round differently in float32 (vmap's
+    # reductions against one client's): a near-tie among the 200 test images may flip (seen for
+    # FedGF after 2 rounds, FedSMOO after 3), so one image is the tolerance; the losses hold to 1e-4
+    assert abs(off["final_test_accuracy"] - on["final_test_accuracy"]) <= 1 / 200 + 1e-12
     for a, b in zip(_records(tmp_path / "off"), _records(tmp_path / "on"), strict=True):
         assert (a["round"], a["clients"], a["failed_clients"], a["local_steps"]) == \
             (b["round"], b["clients"], b["failed_clients"], b["local_steps"])
         for name in ("train_loss", "test_loss"):
             assert a[name] == pytest.approx(b[name], rel=1e-4), name
     if "gf_window" in method:
-        assert [r.get("gf_kappa") for r in _records(tmp_path / "on")][1:] == [1.0, 1.0]  # w̃ was sent and used
+        assert [r.get("gf_kappa") for r in _records(tmp_path / "on")][1:] == [1.0]  # w̃ was sent and used
 
 
 @pytest.mark.long
