@@ -291,7 +291,7 @@ class TimedRun:
 RUN_TIMEOUT = 3600  # seconds a timed fedsam run may take before the bench gives up on it
 
 
-def _timed_fedsam_run(flags: dict[str, Any]) -> TimedRun:
+def _timed_fedsam_run(flags: dict[str, Any], what: str = "the fedsam run for (c)") -> TimedRun:
     started = time.perf_counter()
     round_one_done, tail = None, collections.deque(maxlen=5)
     proc = subprocess.Popen(run_command(flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -320,9 +320,9 @@ def _timed_fedsam_run(flags: dict[str, Any]) -> TimedRun:
         proc.stdout.close()
     wall = time.perf_counter() - started
     if expired.is_set():
-        raise RuntimeError(f"the fedsam run for (c) took over {RUN_TIMEOUT} s and was stopped")
+        raise RuntimeError(f"{what} took over {RUN_TIMEOUT} s and was stopped")
     if returncode != 0 or round_one_done is None:
-        raise RuntimeError("the fedsam run for (c) failed; its last lines:\n" + "\n".join(tail))
+        raise RuntimeError(f"{what} failed; its last lines:\n" + "\n".join(tail))
     records = results.read_metrics(Path(flags["out"]))
     return TimedRun(wall, round_one_done, [r["seconds"] for r in records])
 
@@ -434,14 +434,10 @@ def fl_simulator_round(device: torch.device, scratch: Path, rounds: int = 3) -> 
     data_dir = write_cifar10(scratch / "fls-data", per_batch=10000, test=1000)
     result: dict[str, Any] = {"setting": "fl-simulator-cifar10 preset, 100 clients x 500 images, exactly 10 per round"}
     for vectorize in ("on", "off"):
-        out = scratch / f"fls-{vectorize}"
-        argv = run_command({"preset": "fl-simulator-cifar10", "data_dir": data_dir, "rounds": rounds,
-                            "client_sampling": "uniform", "eval_every": rounds, "device": device.type,
-                            "vectorize": vectorize, "out": out})
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
-        if proc.returncode != 0:
-            raise RuntimeError(f"the FL-Simulator round failed: {proc.stderr.strip().splitlines()[-1:]}")
-        seconds = [r["seconds"] for r in results.read_metrics(out)]
+        flags = {"preset": "fl-simulator-cifar10", "data_dir": data_dir, "rounds": rounds,
+                 "client_sampling": "uniform", "eval_every": rounds, "device": device.type,
+                 "vectorize": vectorize, "out": scratch / f"fls-{vectorize}"}
+        seconds = _timed_fedsam_run(flags, "the FL-Simulator round").rounds
         result[f"vectorize_{vectorize}"] = {"round_seconds": seconds,
                                             "median_round_seconds_after_first": statistics.median(seconds[1:])}
     return result
