@@ -22,9 +22,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedsam import wire
-from fedsam.cohort import PERTURBATION as BATCHED_RULE, train_cohort, use_batched
-from fedsam.data import DeviceBatches
+from fedsam.cohort import PERTURBATION as BATCHED_RULE, SPARSE, train_cohort, use_batched
+from fedsam.data import DeviceBatches, SingleExamples
 from fedsam.optim import BUILTIN, DualSAM, FixedPerturbation, GlobalFlatSAM, SparseSAM
+from fedsam.optim.ssam import SparseState, load_client_state
 from fedsam.runtime import autocast_dtype, memory_format, resolve_device, round_seed, use_cuda_graphs
 from fedsam.train import LocalResult, train_locally
 from fedsam.worker import cached_model, client_indices, device_data, local_optimizer, partition_spec
@@ -103,31 +104,26 @@ def round_correction(content: RecordDict, pid: int, start: dict[str, torch.Tenso
 SPARSE_EPOCH = "__epoch__"  # beside the mask in Sparse SAM's optimizer-state record
 
 
-def load_sparse_state(optimizer: SparseSAM, model: torch.nn.Module, content: RecordDict, pid: int,
-                      names: list[str], steps_per_epoch: int, singles: DeviceBatches) -> None:
+def sparse_state(content: RecordDict, pid: int, names: list[str], device: torch.device,
+                 examples: SingleExamples, seed: int) -> SparseState:
     """Sparse SAM in a federation (a project choice; the paper has none): the client's own mask
-    and cumulative epoch count from its last round (the mode's initial mask the first time), the
-    round's SSAM-D drop rate ``r₀(1 + cos(π t/T))/2``, and SSAM-F's Fisher examples drawn from
-    the client's own data, one at a time, with its training transforms."""
+    and cumulative epoch count from its last round (``None`` and 0 the first time: the mode's
+    initial mask), SSAM-F's Fisher examples drawn from the client's own data with its training
+    transforms, and SSAM-D's generator, seeded per client and round so that the draws do not
+    depend on which process trains the client (nor on whether its optimizer was kept from an
+    earlier round). Both engines start from this."""
     record = wire.client_record(content, wire.OPTIMIZER_STATE, pid)
     state = None if record is None else record.to_torch_state_dict()
-    optimizer.load_mask(None if state is None else [state[n] for n in names])
-    epoch = 0 if state is None else int(state[SPARSE_EPOCH])
-    server_round = int(content["config"][wire.SERVER_ROUND])
-    drop = optimizer.drop_rate_at(server_round - 1) if optimizer.mode == "dynamic" else None
-    optimizer.set_epoch(epoch, steps_per_epoch=steps_per_epoch, drop_rate=drop)
-    stream = iter(())
+    return SparseState(mask=None if state is None else {n: state[n].to(device) for n in names},
+                       epoch=0 if state is None else int(state[SPARSE_EPOCH]),
+                       examples=examples, generator=torch.Generator().manual_seed(seed))
 
-    def fisher_loss(_: int) -> torch.Tensor:
-        nonlocal stream
-        try:
-            x, y = next(stream)
-        except StopIteration:  # more samples than the client has: another pass, reshuffled
-            stream = iter(singles)
-            x, y = next(stream)
-        return torch.nn.functional.cross_entropy(model(x), y)
 
-    optimizer.fisher_loss = fisher_loss
+def sparse_record(names: list[str], masks: list[torch.Tensor], epoch: int) -> ArrayRecord:
+    """A client's Sparse SAM mask (1 byte an entry) and epoch count, for its next round."""
+    state = {n: m.detach().cpu().bool() for n, m in zip(names, masks, strict=True)}
+    state[SPARSE_EPOCH] = torch.tensor(epoch)
+    return ArrayRecord(state)
 
 
 def dual_record(names: list[str], duals: list[torch.Tensor]) -> ArrayRecord:
@@ -159,6 +155,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
     point = on_device(content.get(wire.GLOBAL_POINT), device)  # FedGF's w̃, the same for every client
     no_duals = f"the message carries FedSMOO's duals but optimizer {spec!r} has none (use dual-sam)"
     seeds = {pid: round_seed(int(config["seed"]), int(config[wire.SERVER_ROUND]), pid) for pid in partition_ids}
+    sparse_round = int(config[wire.SERVER_ROUND]) - 1  # SSAM-D's drop rate follows the global round
     graph_setting = str(config["cuda-graphs"])  # a plug-in's Python state would freeze in a graph
     graphs = (use_cuda_graphs(graph_setting, device) and (spec in BUILTIN or graph_setting == "on")
               and spec not in HOST_STEPPED)
@@ -167,11 +164,15 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
                  direction_decay=wire.strategy_value(config, "direction-decay"),
                  autocast_dtype=autocast_dtype(str(config["precision"]), device))
 
-    def batches(pid: int, batch_size: int | None = None, seed: int | None = None) -> DeviceBatches:
+    def batches(pid: int, seed: int | None = None) -> DeviceBatches:
         idx = parts[pid]
-        return DeviceBatches(data.images[idx], data.labels[idx], batch_size or int(config["batch-size"]),
+        return DeviceBatches(data.images[idx], data.labels[idx], int(config["batch-size"]),
                              mean=data.mean, std=data.std, augment=True, shuffle=True,
                              seed=seeds[pid] if seed is None else seed, memory_format=memory_format(device))
+
+    def sparse(pid: int) -> SparseState:  # the Fisher stream from seed + 1, SSAM-D's draws from seed + 2
+        return sparse_state(content, pid, names, device, SingleExamples(batches(pid, seed=seeds[pid] + 1)),
+                            seeds[pid] + 2)
 
     num_clients = int(config["num-clients"])
     for pid in partition_ids:
@@ -182,6 +183,8 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
         try:
             duals = [on_device(wire.client_record(content, wire.DUAL, pid), device) for pid in partition_ids]
             keeps_duals = BATCHED_RULE.get(spec) == "dual"
+            keeps_masks = BATCHED_RULE.get(spec) in SPARSE
+            states = [sparse(pid) for pid in partition_ids] if keeps_masks else None
             if not keeps_duals and (shift is not None or any(u is not None for u in duals)):
                 raise ValueError(no_duals)
             model.load_state_dict(shared_start)
@@ -191,12 +194,15 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
                                    corrections=[corrections[pid] for pid in partition_ids],
                                    perturbations=None if all(e is None for e in fixed) else fixed,
                                    global_point=point, global_weight=wire.strategy_value(config, "gf-kappa"),
-                                   duals=duals if keeps_duals else None, shift=shift, **knobs)
+                                   duals=duals if keeps_duals else None, shift=shift,
+                                   sparse=states, sparse_round=sparse_round, **knobs)
             replies = {pid: {"arrays": ArrayRecord(state), "metrics": metric_record(result)}
                        for pid, (state, result) in zip(partition_ids, trained)}
             if keeps_duals:  # FedSMOO: each client's u_i goes back, as from the one-client path
                 for pid, u in zip(partition_ids, duals):
                     replies[pid][wire.DUAL] = dual_record(names, [u[n] for n in names])
+            for pid, state in zip(partition_ids, states or []):  # Sparse SAM: each client's mask and epochs
+                replies[pid][wire.OPTIMIZER_STATE] = sparse_record(names, [state.mask[n] for n in names], state.epoch)
             return replies
         except Exception as exc:  # noqa: BLE001 - retried client by client below, which says whose failure it is
             if not isolate:
@@ -220,8 +226,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
             elif dual is not None or shift is not None:
                 raise ValueError(no_duals)
             if isinstance(optimizer, SparseSAM):
-                load_sparse_state(optimizer, model, content, pid, names, len(batches(pid)),
-                                  batches(pid, batch_size=1, seed=seeds[pid] + 1))
+                load_client_state(optimizer, model, sparse(pid), names, len(batches(pid)), sparse_round)
             if isinstance(optimizer, GlobalFlatSAM):  # FedGF: the server's w̃ and κ
                 optimizer.load_global(None if point is None else [point[n] for n in names],
                                       wire.strategy_value(config, "gf-kappa"))
@@ -240,9 +245,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
             if isinstance(optimizer, DualSAM):
                 out[pid][wire.DUAL] = dual_record(names, optimizer.duals())
             if isinstance(optimizer, SparseSAM):  # the mask and epoch count, kept for this client's next round
-                state = {n: m.detach().cpu().bool() for n, m in zip(names, optimizer.mask())}  # 1 byte an entry
-                state[SPARSE_EPOCH] = torch.tensor(optimizer.epoch)
-                out[pid][wire.OPTIMIZER_STATE] = ArrayRecord(state)
+                out[pid][wire.OPTIMIZER_STATE] = sparse_record(names, optimizer.mask(), optimizer.epoch)
         except Exception as exc:  # noqa: BLE001 - one client's failure, reported for that client
             if not isolate:
                 raise

@@ -14,14 +14,17 @@ leading client dimension and every step runs once for all of them (``torch.func`
 A short batch is padded with zero-weight samples; the loss is the mean over real samples, so the
 padding changes nothing (no BatchNorm here: per-sample normalisation only, see ``batchable``).
 
-The built-in rules batch (SGD, SAM, ASAM, FGSM SAM, FedLESAM's ``lesam`` and FedGF's ``gf-sam``,
-whose ε and ``w̃`` come in the message, and FedSMOO's ``dual-sam``, whose per-client dual ``u_i`` is
-stacked like the weights and masked like them), with the whole descent direction of
-``train_locally``: MoFedSAM's and FedCM's momentum mix, each client's round correction ``b``
-(SCAFFOLD, FedDyn, FedProx), the direction decay ``κ·w`` and clipping. Sparse SAM (``ssam-f``,
-``ssam-d``) keeps a per-client mask refreshed by host-side decisions, which has no batched rule,
-and a plug-in optimizer is an object with its own ``step``, which cannot be vectorised from
-outside: these train one client at a time (``fedsam.train.train_locally``).
+Every built-in rule batches (SGD, SAM, ASAM, FGSM SAM, FedLESAM's ``lesam`` and FedGF's ``gf-sam``,
+whose ε and ``w̃`` come in the message, FedSMOO's ``dual-sam``, whose per-client dual ``u_i`` is
+stacked like the weights and masked like them, and Sparse SAM's ``ssam-f`` and ``ssam-d``, whose
+per-client masks are stacked too), with the whole descent direction of ``train_locally``:
+MoFedSAM's and FedCM's momentum mix, each client's round correction ``b`` (SCAFFOLD, FedDyn,
+FedProx), the direction decay ``κ·w`` and clipping. Sparse SAM's schedule is known on the host
+before each epoch (a client refreshes at the first step of its cumulative epoch ``e`` with
+``e mod f = 0``), so only the clients due that epoch refresh: SSAM-D inside that step, SSAM-F
+after it, with its Fisher examples' gradients taken per example in one ``vmap`` per chunk rather
+than one backward pass each. A plug-in optimizer is an object with its own ``step``, which
+cannot be vectorised from outside: it trains one client at a time (``fedsam.train.train_locally``).
 """
 
 from __future__ import annotations
@@ -36,31 +39,33 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 
 from fedsam.data.batches import DeviceBatches, crop_and_flip, to_device
 from fedsam.graphs import GraphedStep
-from fedsam.optim import BUILTIN, asam_scaled
+from fedsam.optim import BUILTIN, asam_scaled, ssam
 from fedsam.optim.base import XI
 from fedsam.optim.fgsm import l2_equivalent_rho
+from fedsam.optim.ssam import SparseState
 from fedsam.train import LocalResult
 
 Tensors = dict[str, torch.Tensor]
 
 #: The client rule each batchable built-in optimizer name stands for.
 PERTURBATION = {"sgd": "none", "sam": "sam", "asam": "asam", "fgsm-sam": "fgsm", "lesam": "fixed",
-                "gf-sam": "global-flat", "dual-sam": "dual"}
+                "gf-sam": "global-flat", "dual-sam": "dual", "ssam-f": "sparse-fisher", "ssam-d": "sparse-dynamic"}
+SPARSE = ("sparse-fisher", "sparse-dynamic")
 
-#: Why a built-in optimizer without a batched rule trains one client at a time.
-UNBATCHED = {"ssam-f": "SSAM-F keeps a per-client mask refreshed by extra Fisher passes, which has no batched rule",
-             "ssam-d": "SSAM-D keeps a per-client mask refreshed by a top-k inside the step, which has no batched rule"}
+#: Per-example gradients a Fisher chunk holds at once, in entries (a few hundred MB in float32).
+FISHER_CHUNK_ENTRIES = 1 << 25
 
 
 @dataclass(frozen=True)
 class ClientRule:
     """One local step of a built-in optimizer, as numbers: what ``build(spec, ...)`` would do."""
 
-    perturbation: str  # none | sam | asam | fgsm | fixed (FedLESAM's ε) | global-flat (FedGF's) | dual (FedSMOO's)
+    perturbation: str  # none | sam | asam | fgsm | fixed (FedLESAM's ε) | global-flat (FedGF's) | dual
+    #                    (FedSMOO's) | sparse-fisher | sparse-dynamic (Sparse SAM's)
     lr: float
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -68,6 +73,16 @@ class ClientRule:
     eta: float = 0.0
     steps: int = 1
     ascent_momentum: float = 0.0
+    # Sparse SAM's (fedsam.optim.ssam); their defaults come from the factories, as every option's
+    sparsity: float = 0.0
+    ssam_norm: str = "full"
+    update_freq: int = 1
+    num_samples: int = 1
+    drop_rate: float = 0.0
+    death: str = "gradient"
+    growth: str = "random"
+    total_epochs: int | None = None
+    seed: int | None = None
 
     @classmethod
     def of(cls, spec: str, options: dict) -> ClientRule:
@@ -81,6 +96,8 @@ class ClientRule:
         if values.pop("nesterov", False):
             raise ValueError("Nesterov momentum has no batched rule")
         rule = cls(PERTURBATION[spec], **values)
+        if rule.perturbation in SPARSE:  # SparseSAM checks its own options: one home for their limits
+            factory([torch.zeros(1, requires_grad=True)], **values)
         if rule.perturbation == "dual" and not rule.rho >= 0:  # as DualSAM: ρ = 0 is its plain-step test hook
             raise ValueError(f"rho must be >= 0, got {rule.rho}")
         if rule.perturbation not in ("none", "dual") and rule.rho is not None and not rule.rho > 0:
@@ -95,7 +112,7 @@ def batchable(spec: str, model: nn.Module) -> str | None:
     if spec not in BUILTIN:
         return f"optimizer {spec!r} is a plug-in with its own step"
     if spec not in PERTURBATION:
-        return UNBATCHED.get(spec, f"built-in optimizer {spec!r} has no batched rule")
+        return f"built-in optimizer {spec!r} has no batched rule"
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return "BatchNorm's batch statistics would mix padded samples into real ones"
     return None
@@ -224,6 +241,8 @@ def train_cohort(
     global_weight: float = 0.0,
     duals: list[Tensors | None] | None = None,
     shift: Tensors | None = None,
+    sparse: list[SparseState] | None = None,
+    sparse_round: int = 0,
     autocast_dtype: torch.dtype | None = None,
     cuda_graph: bool = False,
 ) -> list[tuple[Tensors, LocalResult]]:
@@ -241,8 +260,13 @@ def train_cohort(
     ``duals`` and ``shift`` are ``dual-sam``'s ``u_i`` (in client order; ``None``: zero) and ``s``, as
     ``DualSAM.load_duals``. ``duals`` is in and out: after the round each entry is replaced by
     that client's ``u_i`` (a view on the cohort's device), what ``DualSAM.duals`` reads one client at a time.
+    ``sparse`` is ``ssam-f``'s and ``ssam-d``'s per-client state (in client order; ``None``: every
+    client fresh), in and out: after the round each entry holds that client's mask and epoch
+    count, what ``SparseSAM.mask`` and ``SparseSAM.epoch`` give one client at a time;
+    ``sparse_round`` is the ``t`` of SSAM-D's round drop rate ``r₀(1 + cos(πt/T))/2``.
     Every step has the same shapes (short batches are padded), so with ``cuda_graph`` on a GPU
-    the whole cohort step is captured once and replayed (``fedsam.graphs``).
+    the whole cohort step is captured once and replayed (``fedsam.graphs``); not Sparse SAM's,
+    whose refresh steps differ from the others.
     """
     start = time.perf_counter()
     reason = batchable(spec, model)
@@ -280,6 +304,14 @@ def train_cohort(
     if rule.perturbation == "dual":  # u_i, stacked; s, the same for every client
         dual = _stacked_corrections(duals, params, num) or {n: torch.zeros_like(v) for n, v in params.items()}
         dual = (dual, None if shift is None else {n: shift[n].to(device=device, dtype=params[n].dtype) for n in names})
+    if sparse is not None and rule.perturbation not in SPARSE:
+        raise ValueError(f"optimizer {spec!r} keeps no sparse mask (ssam-f and ssam-d do)")
+    masks = None
+    if rule.perturbation in SPARSE:
+        sparse = sparse if sparse is not None else [SparseState() for _ in clients]
+        if len(sparse) != num:
+            raise ValueError(f"sparse must have one entry per client ({num}), got {len(sparse)}")
+        masks = _SparseMasks(rule, sparse, params, sparse_round)
     if not 0 <= global_weight <= 1:  # as GlobalFlatSAM.load_global
         raise ValueError(f"kappa must be in [0, 1], got {global_weight}")
     pull = None
@@ -301,17 +333,26 @@ def train_cohort(
 
     gradient = vmap(grad_and_value(loss_of, has_aux=True))
 
+    def example_loss(p: Tensors, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One example's loss, outside autocast: what SSAM-F's Fisher score squares the gradient of."""
+        return F.cross_entropy(functional_call(model, ({**p, **frozen}, buffers), (x[None],)), y[None])
+
+    example_gradients = vmap(grad(example_loss), in_dims=(None, 0, 0))
+
     loss_sum = torch.zeros(num, device=device, dtype=torch.float64)
     correct_sum = torch.zeros(num, device=device, dtype=torch.float64)
     static: Tensors = {}  # this step's inputs, refilled in place so a CUDA graph can replay the step
 
-    def step() -> None:
+    def step(refresh: list[int] | None = None) -> None:
         x, y, w = static["x"], static["y"], static["w"]
         at = _combine(params, fixed) if fixed is not None else params  # lesam's one pass is at w + ε
         g, (loss, correct) = gradient(at, x, y, w)
         loss_sum.add_(loss.detach().double() * static["count"].double())
         correct_sum.add_(correct.double())
-        g = _descent_gradient(rule, rho, gradient, params, g, x, y, w, weights_nd, pull, dual, static["active"])
+        if masks is not None:
+            g = masks.descent_gradient(gradient, params, g, x, y, w, refresh)
+        else:
+            g = _descent_gradient(rule, rho, gradient, params, g, x, y, w, weights_nd, pull, dual, static["active"])
         if mix is not None:
             g = {n: momentum_alpha * g[n] + (1.0 - momentum_alpha) * mix[n] for n in names}
         if bias is not None:
@@ -323,17 +364,25 @@ def train_cohort(
             g = _scaled(g, (grad_clip / (norm + 1e-6)).clamp(max=1.0))
         _sgd_(rule, params, velocity, g, static["active"])
 
-    graph = GraphedStep(step, device, enabled=cuda_graph)
-    for _ in range(epochs):
+    graph = GraphedStep(step, device, enabled=cuda_graph and masks is None)
+    for epoch in range(epochs):
         for k, (x, y, w) in enumerate(data.epoch()):
             inputs = {"x": x, "y": y, "w": w, "active": data.active[k], "count": data.counts[k]}
             if not static:
                 static.update({name: t.clone() for name, t in inputs.items()})
             for name, t in inputs.items():
                 static[name].copy_(t)
-            graph()
+            due = masks.due(epoch) if masks is not None and k == 0 else []  # every client has a first step
+            if due and masks.dynamic:
+                step(due)  # SSAM-D refreshes inside the step
+            else:
+                graph()
+            if due and not masks.dynamic:
+                masks.refresh_fisher(due, example_gradients)  # SSAM-F after it, at the updated weights
     if not was_training:
         model.eval()
+    if masks is not None:
+        masks.write_back(epochs)
     if duals is not None and dual is not None:
         duals[:] = [{n: u[c] for n, u in dual[0].items()} for c in range(num)]
 
@@ -347,6 +396,100 @@ def train_cohort(
         state = {n: params[n][c] if n in params else t.detach() for n, t in model.state_dict().items()}
         results.append((state, LocalResult(len(client.images), steps[c], loss_mean[c], accuracy[c], seconds)))
     return results
+
+
+class _SparseMasks:
+    """Sparse SAM's per-client masks, stacked like the weights (0/1 in their dtype), with the
+    host-side schedule that says which clients refresh when (``fedsam.optim.ssam``'s rule)."""
+
+    def __init__(self, rule: ClientRule, states: list[SparseState], params: Tensors, sparse_round: int) -> None:
+        self.rule, self.states, self.params = rule, states, params
+        self.dynamic = rule.perturbation == "sparse-dynamic"
+        first = next(iter(params.values()))
+        self.device, self.dtype = first.device, first.dtype
+        self.shapes = {n: v.shape[1:] for n, v in params.items()}
+        self.size = sum(v[0].numel() for v in params.values())
+        self.generators = [s.generator if s.generator is not None else
+                           torch.Generator().manual_seed(rule.seed) if rule.seed is not None else None for s in states]
+        self.drop_rate = None  # SSAM-D's r(t) for this round
+        if self.dynamic and rule.total_epochs is not None:
+            self.drop_rate = ssam.drop_rate_at(rule.drop_rate, sparse_round, rule.total_epochs)
+        flat = []
+        for state, generator in zip(states, self.generators):
+            if state.mask is not None:
+                for n, shape in self.shapes.items():
+                    if n not in state.mask or tuple(state.mask[n].shape) != tuple(shape):
+                        raise ValueError(f"a client's sparse mask has no {n!r} of shape {tuple(shape)}")
+                flat.append(torch.cat([state.mask[n].reshape(-1).to(self.device) for n in self.shapes]) != 0)
+            elif self.dynamic:
+                initial = ssam.initial_dynamic_count(self.size, rule.sparsity)
+                flat.append(ssam.top_mask(ssam.random_scores(self.size, generator), initial).to(self.device))
+            else:  # SSAM-F starts with no entry perturbed
+                flat.append(torch.zeros(self.size, dtype=torch.bool, device=self.device))
+        self.masks = {n: torch.zeros_like(v) for n, v in params.items()}
+        self._set(torch.arange(len(states), device=self.device), torch.stack(flat))
+
+    def due(self, epoch: int) -> list[int]:
+        """The clients whose mask refreshes at the first step of this round's local epoch ``epoch``."""
+        return [c for c, s in enumerate(self.states) if ssam.refresh_due(s.epoch + epoch, self.rule.update_freq)]
+
+    def descent_gradient(self, gradient, params: Tensors, g: Tensors, x: torch.Tensor, y: torch.Tensor,
+                         w: torch.Tensor, refresh: list[int] | None) -> Tensors:
+        """The gradient at each client's ``w + ε``, ``ε = ρ·(m ⊙ g)/(‖g‖ + ξ)`` (or ``‖m ⊙ g‖``: the
+        ``masked`` norm); the clients in ``refresh`` then regrow their SSAM-D masks, between the passes."""
+        masked = {n: g[n] * self.masks[n] for n in g}
+        norm = _per_client(masked if self.rule.ssam_norm == "masked" else g, torch.square).sqrt()
+        eps = _scaled(masked, self.rule.rho / (norm + XI))
+        if refresh:
+            self._regrow(refresh, g)
+        return gradient(_combine(params, eps), x, y, w)[0]
+
+    def _regrow(self, due: list[int], g: Tensors) -> None:
+        if self.drop_rate is None:
+            raise ValueError("SSAM-D's drop rate needs total_epochs (the number of rounds T in a federation)")
+        rows = torch.tensor(due, device=self.device)
+        old = self._flat(self.masks, rows) != 0
+
+        def scores(kind: str) -> torch.Tensor:
+            if kind == "random":  # each client's own generator, as its optimizer would draw
+                return torch.stack([ssam.random_scores(self.size, self.generators[c]) for c in due]).to(self.device)
+            return self._flat(g if kind == "gradient" else self.params, rows).abs()  # "weight": w, not w + ε
+
+        death = scores(self.rule.death)  # drawn first, as the rule reads
+        keep, grow = ssam.dynamic_counts(self.size, self.rule.sparsity, self.drop_rate)
+        self._set(rows, ssam.regrown(old, death, scores(self.rule.growth), keep, grow))
+
+    def refresh_fisher(self, due: list[int], example_gradients) -> None:
+        """SSAM-F: each due client's mask becomes the top ``⌊P(1 − s)⌋`` of ``Σ_j (∇ℓ_j)²`` over
+        its next ``num_samples`` examples, at its current weights."""
+        chunk = max(1, FISHER_CHUNK_ENTRIES // self.size)
+        keep = ssam.fisher_count(self.size, self.rule.sparsity)
+        for c in due:
+            examples = self.states[c].examples
+            if examples is None:
+                raise ValueError("SSAM-F needs each client's Fisher examples (SparseState.examples)")
+            x, y = examples.take(self.rule.num_samples)
+            point = {n: v[c] for n, v in self.params.items()}
+            fisher = {n: torch.zeros_like(v) for n, v in point.items()}
+            for start in range(0, len(y), chunk):
+                for n, v in example_gradients(point, x[start:start + chunk], y[start:start + chunk]).items():
+                    fisher[n].add_(v.square().sum(0))
+            scores = torch.cat([fisher[n].reshape(-1) for n in self.shapes])
+            self._set(torch.tensor([c], device=self.device), ssam.top_mask(scores, keep)[None])
+
+    def write_back(self, epochs: int) -> None:
+        """Each client's mask and epoch count after the round, into its ``SparseState``."""
+        for c, state in enumerate(self.states):
+            state.mask = {n: m[c] != 0 for n, m in self.masks.items()}
+            state.epoch += epochs
+
+    def _flat(self, values: Tensors, rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([values[n].index_select(0, rows).flatten(1) for n in self.shapes], 1)
+
+    def _set(self, rows: torch.Tensor, flat: torch.Tensor) -> None:
+        pieces = flat.split([shape.numel() for shape in self.shapes.values()], dim=1)
+        for (n, shape), piece in zip(self.shapes.items(), pieces):
+            self.masks[n].index_copy_(0, rows, piece.view(len(rows), *shape).to(self.dtype))
 
 
 def _stacked_corrections(corrections: list[Tensors | None] | None, params: Tensors, num: int) -> Tensors | None:

@@ -5,7 +5,10 @@ Two settings, each run both ways on the same data, seeds and steps:
 - the FL-Simulator MoFedSAM round: ResNet-18 (ImageNet stem, GroupNorm(2)), 10 clients x 5 epochs
   x 500 images, batch 50, SAM ρ = 0.1, MoFedSAM's mix (α = 0.1), clipping at 10, weight decay 1e-3;
 - a cohort-size sweep: 1, 5, 10 and 100 clients of the CNN (batch 32, one epoch of 50 images each),
-  and 1 and 10 clients of ResNet-18-GN (one epoch of 500 images at batch 50).
+  and 1 and 10 clients of ResNet-18-GN (one epoch of 500 images at batch 50);
+- with ``--sparse``, an SSAM-F round: 5 fresh CNN clients x one epoch of 500 images at batch 50,
+  each refreshing its mask from 1,024 Fisher examples (one backward pass each one client at a
+  time; per-example gradients in chunks, batched).
 
 Only the clients' training is timed (from the global weights to each client's trained weights),
 not Flower, Ray or evaluation. Runs without Flower installed:
@@ -28,10 +31,11 @@ from typing import Any
 import torch
 
 from fedsam.cohort import train_cohort
-from fedsam.data import DeviceBatches
+from fedsam.data import DeviceBatches, SingleExamples
 from fedsam.data.cifar import LAYOUTS
 from fedsam.models import build_model
 from fedsam.optim import build
+from fedsam.optim.ssam import SparseState, load_client_state
 from fedsam.runtime import autocast_dtype, memory_format, resolve_device
 from fedsam.train import train_locally
 
@@ -48,6 +52,15 @@ def synthetic_clients(num: int, size: int, batch: int, device: torch.device, see
                           mean=CIFAR10.mean, std=CIFAR10.std, augment=True, shuffle=True, seed=seed + i,
                           memory_format=memory_format(device))
             for i in range(num)]
+
+
+def fresh_sparse(clients: list[DeviceBatches]) -> list[SparseState]:
+    """Sparse SAM's state of clients in their first round: each its own Fisher stream and generator."""
+    return [SparseState(examples=SingleExamples(DeviceBatches(c.images, c.labels, 1, mean=CIFAR10.mean,
+                                                              std=CIFAR10.std, augment=True, shuffle=True,
+                                                              seed=500 + i, memory_format=c.memory_format)),
+                        generator=torch.Generator().manual_seed(900 + i))
+            for i, c in enumerate(clients)]
 
 
 def _sync(device: torch.device) -> None:
@@ -84,18 +97,25 @@ def round_both_ways(model_name: str, num: int, size: int, epochs: int, batch: in
     start_state = copy.deepcopy(model.state_dict())
     first: dict[str, dict[str, torch.Tensor]] = {}  # each variant's first client, trained
 
+    sparse = spec in ("ssam-f", "ssam-d")
+    names = [n for n, _ in model.named_parameters()]
+
     def one_by_one(graph: bool) -> dict[str, torch.Tensor]:
-        for i, batches in enumerate(synthetic_clients(num, size, batch, device)):
+        clients = synthetic_clients(num, size, batch, device)
+        for i, (batches, kept) in enumerate(zip(clients, fresh_sparse(clients) if sparse else [None] * num)):
             worker.load_state_dict(start_state)
             optimizer = build(spec, worker.parameters(), **options)
+            if kept is not None:
+                load_client_state(optimizer, worker, kept, names, len(batches), 0)
             train_locally(worker, optimizer, batches, epochs, cuda_graph=graph, **mix)
             if i == 0:
                 state = {k: v.detach().clone() for k, v in worker.state_dict().items()}
         return state
 
     def batched(graph: bool) -> dict[str, torch.Tensor]:
-        results = train_cohort(model, spec, options, synthetic_clients(num, size, batch, device), epochs,
-                               cuda_graph=graph, **mix)
+        clients = synthetic_clients(num, size, batch, device)
+        results = train_cohort(model, spec, options, clients, epochs, cuda_graph=graph,
+                               sparse=fresh_sparse(clients) if sparse else None, **mix)
         return results[0][0]
 
     row: dict[str, Any] = {"model": model_name, "clients": num, "images_per_client": size, "epochs": epochs,
@@ -138,6 +158,12 @@ def cohort_sweep(device: torch.device, repeats: int, quick: bool = False) -> Ite
     for model, n, size, batch in settings:
         yield round_both_ways(model, n, size, 1, batch, "sam", {"lr": 0.05, "rho": 0.1}, device, repeats,
                               variants=variants)
+
+
+def sparse_round(device: torch.device, repeats: int) -> dict[str, Any]:
+    """SSAM-F's first round for 5 CNN clients: the Fisher refresh dominates one client at a time."""
+    return round_both_ways("cnn", 5, 500, 1, 50, "ssam-f", {"lr": 0.05, "rho": 0.1}, device, repeats,
+                           variants=("one_by_one", "batched"))
 
 
 def describe(row: dict[str, Any]) -> str:
@@ -191,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="cohort-bench.json")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
     parser.add_argument("--profile", help="also profile one batched 100-client CNN round; kernel table to this file")
+    parser.add_argument("--sparse", action="store_true", help="also time an SSAM-F round (5 CNN clients)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -210,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         report["fl_simulator_round"] = fl_simulator_round(device, args.repeats)
         print("FL-Simulator MoFedSAM round:", describe(report["fl_simulator_round"]), flush=True)
+    if args.sparse:
+        report["sparse_round"] = sparse_round(device, args.repeats)
+        print("SSAM-F round:", describe(report["sparse_round"]), flush=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     if args.profile:

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from fedsam.cohort import ClientRule, CohortBatches, batchable, train_cohort
-from fedsam.data import DeviceBatches
+from fedsam.data import DeviceBatches, SingleExamples
 from fedsam.models import CaldarolaCNN
 from fedsam.optim import build
+from fedsam.optim.ssam import SparseState, load_client_state
 from fedsam.train import train_locally
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
@@ -35,10 +36,10 @@ def _client_data(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.randint(0, 4, (n,), generator=g)
 
 
-def _batches(i: int, n: int, batch: int = 8) -> DeviceBatches:
+def _batches(i: int, n: int, batch: int = 8, seed: int | None = None) -> DeviceBatches:
     images, labels = _client_data(100 + i, n)
-    return DeviceBatches(images, labels, batch, mean=MEAN, std=STD, augment=True, shuffle=True, seed=7 + i,
-                         dtype=torch.float64)
+    return DeviceBatches(images, labels, batch, mean=MEAN, std=STD, augment=True, shuffle=True,
+                         seed=7 + i if seed is None else seed, dtype=torch.float64)
 
 
 RULES = [
@@ -205,11 +206,11 @@ def test_what_cannot_batch_says_why():
     assert "plug-in" in batchable("torch.optim:Adam", Small())
     bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     assert "BatchNorm" in batchable("sgd", bn)
-    assert "mask" in batchable("ssam-f", Small()) and "mask" in batchable("ssam-d", Small())
+    assert batchable("ssam-f", Small()) is None and batchable("ssam-d", Small()) is None  # every built-in
     with pytest.raises(ValueError, match="no batched rule"):
-        ClientRule.of("ssam-d", {"lr": 0.1})
+        ClientRule.of("torch.optim:Adam", {"lr": 0.1})
     with pytest.raises(ValueError, match="cannot be batched"):
-        train_cohort(Small(), "ssam-f", {"lr": 0.1}, [_batches(0, 8)], 1)
+        train_cohort(Small(), "torch.optim:Adam", {"lr": 0.1}, [_batches(0, 8)], 1)
     with pytest.raises(ValueError, match="cannot be batched"):
         train_cohort(bn, "sgd", {"lr": 0.1}, [_batches(0, 8)], 1)
 
@@ -321,6 +322,99 @@ def test_a_rule_refuses_the_state_of_another():
                      shift={n: p.detach() for n, p in Small().named_parameters()})
     with pytest.raises(ValueError, match="no fixed perturbation"):
         train_cohort(Small(), "sam", {"lr": 0.1}, [_batches(0, 8)], 1, perturbations=[None])
+    with pytest.raises(ValueError, match="keeps no sparse mask"):
+        train_cohort(Small(), "sam", {"lr": 0.1}, [_batches(0, 8)], 1, sparse=[SparseState()])
     with pytest.raises(ValueError, match="no global point"):
         train_cohort(Small(), "lesam", {"lr": 0.1}, [_batches(0, 8)], 1,
                      global_point={n: p.detach() for n, p in Small().named_parameters()}, global_weight=0.5)
+
+
+SPARSE_RULES = [
+    ("ssam-f", {"lr": 0.05, "rho": 0.1, "sparsity": 0.9, "num_samples": 12, "update_freq": 2, "momentum": 0.5,
+                "weight_decay": 1e-3}),
+    ("ssam-f", {"lr": 0.05, "rho": 0.1, "sparsity": 0.9, "num_samples": 5, "update_freq": 1, "ssam_norm": "masked"}),
+    ("ssam-d", {"lr": 0.05, "rho": 0.1, "sparsity": 0.9, "drop_rate": 0.8, "update_freq": 2, "total_epochs": 4,
+                "momentum": 0.5, "weight_decay": 1e-3}),
+    ("ssam-d", {"lr": 0.05, "rho": 0.1, "sparsity": 0.7, "drop_rate": 0.5, "update_freq": 1, "total_epochs": 4,
+                "death": "weight", "growth": "gradient", "ssam_norm": "masked"}),
+    ("ssam-d", {"lr": 0.05, "rho": 0.1, "sparsity": 0.5, "update_freq": 2, "total_epochs": 4, "death": "random"}),
+]
+
+
+@pytest.mark.parametrize(("spec", "options"), SPARSE_RULES, ids=[f"{s}-{i}" for i, (s, _) in enumerate(SPARSE_RULES)])
+def test_batched_sparse_sam_keeps_each_clients_mask_and_schedule_exactly(spec, options):
+    """Sparse SAM batched: client 0 starts fresh (the mode's initial mask, epoch 0), clients 1 and
+    2 bring a mask from an earlier round (with fewer or more entries than the rule keeps) and have
+    trained 1 and 3 epochs before, so with f = 2 they refresh in different local epochs. Each must
+    end with the weights, mask and epoch count its own ``SparseSAM`` reaches alone, through the
+    ClientApp's own wiring (``load_client_state``)."""
+    torch.manual_seed(9)
+    model = Small().double()
+    names = [n for n, _ in model.named_parameters()]
+    epochs, sparse_round = 3, 1
+
+    def given(i, share):
+        g = torch.Generator().manual_seed(60 + i)
+        return {n: torch.rand(p.shape, generator=g) < share for n, p in model.named_parameters()}
+
+    def states():  # fresh objects each time: the generators and example streams are consumed
+        brought = [(None, 0), (given(1, 0.03), 1), (given(2, 0.4), 3)]
+        return [SparseState(mask, epoch, SingleExamples(_batches(i, n, batch=1, seed=40 + i)),
+                            torch.Generator().manual_seed(80 + i))
+                for i, ((mask, epoch), n) in enumerate(zip(brought, SIZES))]
+
+    carried = states()
+    batched = train_cohort(model, spec, options, [_batches(i, n) for i, n in enumerate(SIZES)], epochs,
+                           sparse=carried, sparse_round=sparse_round)
+    sequential, alone = [], []
+    for i, (n, state) in enumerate(zip(SIZES, states())):
+        local = copy.deepcopy(model)
+        optimizer = build(spec, local.parameters(), **options)
+        load_client_state(optimizer, local, state, names, len(_batches(i, n)), sparse_round)
+        sequential.append((local.state_dict(), train_locally(local, optimizer, _batches(i, n), epochs, num_examples=n)))
+        alone.append(optimizer)
+    _assert_same(batched, sequential)
+    for i, (mine, optimizer) in enumerate(zip(carried, alone, strict=True)):
+        assert mine.epoch == optimizer.epoch == [0, 1, 3][i] + epochs
+        for name, theirs in zip(names, optimizer.mask()):
+            assert torch.equal(mine.mask[name], theirs.bool()), (i, name)
+    flat = [torch.cat([s.mask[n].flatten() for n in names]) for s in carried]
+    assert not torch.equal(flat[0], flat[1]) and not torch.equal(flat[1], flat[2])  # each client its own mask
+    before = torch.cat([given(1, 0.03)[n].flatten() for n in names])
+    assert not torch.equal(flat[1], before)  # client 1 refreshed (at its cumulative epoch 2)
+
+
+def test_batched_ssam_d_draws_from_the_rules_seed_without_a_generator():
+    """No generator given: every client draws from ``seed``, as ``build('ssam-d', seed=...)`` does."""
+    torch.manual_seed(10)
+    model = Small().double()
+    options = {"lr": 0.05, "sparsity": 0.5, "update_freq": 1, "total_epochs": 2, "seed": 3}
+    carried = [SparseState() for _ in SIZES]
+    train_cohort(model, "ssam-d", options, [_batches(i, n) for i, n in enumerate(SIZES)], 1, sparse=carried)
+    names = [n for n, _ in model.named_parameters()]
+    for i, n in enumerate(SIZES):
+        local = copy.deepcopy(model)
+        optimizer = build("ssam-d", local.parameters(), **options)
+        optimizer.set_epoch(0, steps_per_epoch=len(_batches(i, n)), drop_rate=optimizer.drop_rate_at(0))
+        optimizer.generator = torch.Generator().manual_seed(3)  # the initial mask, drawn again from the seed
+        optimizer.load_mask(None)
+        train_locally(local, optimizer, _batches(i, n), 1)
+        for name, theirs in zip(names, optimizer.mask()):
+            assert torch.equal(carried[i].mask[name], theirs.bool())
+
+
+def test_batched_ssam_f_without_fisher_examples_says_so():
+    with pytest.raises(ValueError, match="Fisher examples"):
+        train_cohort(Small().double(), "ssam-f", {"lr": 0.05}, [_batches(0, 16)], 1)
+
+
+def test_single_examples_continue_the_stream_across_calls_and_epochs():
+    """SSAM-F's examples: one client's stream, epoch after epoch, never folded into pairs."""
+    whole = SingleExamples(_batches(0, 9, batch=1, seed=5)).take(20)
+    parts = SingleExamples(_batches(0, 9, batch=1, seed=5))
+    pieces = [parts.take(k) for k in (1, 7, 12)]
+    torch.testing.assert_close(torch.cat([x for x, _ in pieces]), whole[0], rtol=0, atol=0)
+    assert torch.equal(torch.cat([y for _, y in pieces]), whole[1])
+    epoch = list(_batches(0, 9, batch=9, seed=5))[0]  # the same generator's first epoch, as one batch
+    torch.testing.assert_close(whole[0][:9], epoch[0], rtol=0, atol=0)
+    assert sorted(whole[1][9:18].tolist()) == sorted(whole[1][:9].tolist())  # the second epoch: the same examples

@@ -149,13 +149,15 @@ def _records(out):
 
 @pytest.mark.parametrize("method", [{}, {"strategy": "fedlesam", "optimizer": "lesam"},
                                     {"strategy": "fedgf", "optimizer": "gf-sam", "gf_threshold": 1e-9,
-                                     "gf_window": 1}, {"strategy": "fedsmoo", "optimizer": "dual-sam"}],
-                         ids=["fedavg", "fedlesam", "fedgf", "fedsmoo"])
+                                     "gf_window": 1}, {"strategy": "fedsmoo", "optimizer": "dual-sam"},
+                                    {"optimizer": "ssam-d", "ssam_sparsity": 0.5, "ssam_update_freq": 1},
+                                    {"optimizer": "ssam-f", "ssam_fisher_samples": 16, "ssam_update_freq": 1}],
+                         ids=["fedavg", "fedlesam", "fedgf", "fedsmoo", "ssam-d", "ssam-f"])
 @pytest.mark.long
 def test_a_whole_run_gives_the_same_metrics_with_the_engine_on_and_off(cifar10_dir, tmp_path, method, monkeypatch):
     """FedLESAM's per-client ε, FedGF's global point (κ = 1 from round 2: every round above a
-    tiny τ_D) and FedSMOO's duals and global perturbation reach the batched engine as they reach
-    one client at a time, and FedSMOO's duals come back from it."""
+    tiny τ_D), FedSMOO's duals and global perturbation and Sparse SAM's masks reach the batched
+    engine as they reach one client at a time, and FedSMOO's duals and the masks come back from it."""
     import fedsam.client_app
 
     rounds = 2  # round 2 carries what round 1 left: FedLESAM's ε, FedGF's w̃, FedSMOO's u_i and s
@@ -163,16 +165,18 @@ def test_a_whole_run_gives_the_same_metrics_with_the_engine_on_and_off(cifar10_d
     batched, real = [], fedsam.client_app.train_cohort
 
     def counted(*args, **kwargs):
+        carried = (kwargs.get("perturbations") is not None or kwargs.get("global_point") is not None
+                   or kwargs.get("shift") is not None or any(u is not None for u in kwargs.get("duals") or [])
+                   or any(s.mask is not None for s in kwargs.get("sparse") or []))
         out = real(*args, **kwargs)  # a cohort that raised would fall back to one by one unseen
-        batched.append(kwargs.get("perturbations") is not None or kwargs.get("global_point") is not None
-                       or kwargs.get("shift") is not None or any(u is not None for u in kwargs.get("duals") or []))
+        batched.append(carried)
         return out
 
     monkeypatch.setattr(fedsam.client_app, "train_cohort", counted)
     on = run_inprocess(_run_cfg(cifar10_dir, tmp_path / "on", vectorize="on", workers=2, rounds=rounds, **method),
                        available_workers=2)
     assert len(batched) == rounds * 2  # every cohort of every round trained batched
-    if method:  # FedLESAM's ε, FedGF's w̃ or FedSMOO's u_i and s went into the batched step in a later round
+    if method:  # FedLESAM's ε, FedGF's w̃, FedSMOO's u_i and s or a mask went into the batched step in a later round
         assert any(batched)
     # accuracy counts argmax decisions, and the two engines round differently in float32 (vmap's
     # reductions against one client's): a near-tie among the 200 test images may flip (seen for

@@ -1,6 +1,6 @@
 """CIFAR data on the training device, and the non-IID splits users study."""
 
-from .batches import DeviceBatches
+from .batches import DeviceBatches, SingleExamples
 from .cifar import DATASETS, DataError, ImageDataset, load
 from .partition import SCHEMES, Partition, PartitionError, PartitionSpec, make_partition
 from .partition_cache import cached_partition
@@ -15,6 +15,7 @@ __all__ = [
     "PartitionError",
     "PartitionSpec",
     "SCHEMES",
+    "SingleExamples",
     "cached_partition",
     "format_summary",
     "label_counts",

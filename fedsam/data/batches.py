@@ -107,6 +107,38 @@ class DeviceBatches:
             yield x.contiguous(memory_format=self.memory_format), self.labels[idx]
 
 
+class SingleExamples:
+    """Single training examples, one epoch of a client's own seeded stream after another
+    (SSAM-F's Fisher examples): ``take(k)`` continues where the last call stopped, reshuffling
+    when an epoch runs out. ``batches`` gives the data, transforms and generator; its batch size
+    does not matter (a lone last example is never folded into a pair, as a minibatch's is)."""
+
+    def __init__(self, batches: DeviceBatches) -> None:
+        self.batches = batches
+        self.plan: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
+        self.position = 0
+
+    def take(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``count`` examples, transformed and normalised: ``count×C×H×W`` and ``count``."""
+        source = self.batches
+        pieces = []
+        while count > 0:
+            if self.plan is None or self.position == len(self.plan[0]):
+                self.plan, self.position = source.epoch_plan(), 0
+            stop = min(self.position + count, len(self.plan[0]))
+            pieces.append([t[self.position:stop] if t is not None else None for t in self.plan])
+            count -= stop - self.position
+            self.position = stop
+        idx = torch.cat([order for order, _, _ in pieces])
+        if source.augment:
+            x = crop_and_flip(source.padded, source.grid, idx, torch.cat([o for _, o, _ in pieces]),
+                              torch.cat([f for _, _, f in pieces]))
+        else:
+            x = source.images[idx]
+        x = x.to(source.dtype).mul_(source.scale).sub_(source.shift)
+        return x.contiguous(memory_format=source.memory_format), source.labels[idx]
+
+
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU tensor on ``device`` without making the host wait for the GPU's queue (pinned memory,

@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -62,6 +63,66 @@ def _positive_int(value: Any, name: str, allow_none: bool = False) -> None:
 def _exact(value: float) -> Fraction:
     """The decimal ``value`` prints as, exactly: what the user meant by ``0.3``."""
     return Fraction(repr(float(value)))
+
+
+# -- the rule as plain functions: the optimizer below and the batched cohort (fedsam.cohort) both
+# -- call these, so the counts, the schedule and the top-k have one definition. Masks and scores
+# -- are flat over all parameters along the last dimension; leading dimensions are clients.
+
+
+def fisher_count(size: int, sparsity: float) -> int:
+    """SSAM-F's perturbed entries ``⌊P·(1 − s)⌋``."""
+    return math.floor(size * (1 - _exact(sparsity)))
+
+
+def initial_dynamic_count(size: int, sparsity: float) -> int:
+    """SSAM-D's initial random entries ``P − ⌈P·s⌉``."""
+    return size - math.ceil(size * _exact(sparsity))
+
+
+def dynamic_counts(size: int, sparsity: float, drop_rate: float) -> tuple[int, int]:
+    """SSAM-D's refresh: at most ``⌊(P − P·s)·(1 − r)⌋`` perturbed entries stay (never more than
+    are perturbed now) and ``⌊min((P − P·s)·r, P·s)⌋`` join."""
+    s, r = _exact(sparsity), _exact(round(drop_rate, 12))
+    dense = size - size * s  # P − P·s, exactly
+    return math.floor(dense * (1 - r)), math.floor(min(dense * r, size * s))
+
+
+def drop_rate_at(initial: float, epoch: float, total_epochs: int) -> float:
+    """SSAM-D's drop rate ``r₀·(1 + cos(π·e/E_total))/2``: ``r₀`` at 0, ``r₀/2`` half way, 0 at the end."""
+    return initial * (1 + math.cos(math.pi * epoch / total_epochs)) / 2
+
+
+def refresh_due(epoch: int, update_freq: int) -> bool:
+    """Whether the first step of (cumulative) epoch ``epoch`` refreshes the mask."""
+    return epoch % update_freq == 0
+
+
+def random_scores(size: int, generator: torch.Generator | None) -> torch.Tensor:
+    """SSAM-D's random scores (and its random initial mask), drawn from ``generator``."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.rand(size, generator=generator, device=device)
+
+
+def top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """True on the ``k`` largest scores along the last dimension."""
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask.scatter_(-1, scores.topk(k, dim=-1).indices, True)
+    return mask
+
+
+def regrown(old: torch.Tensor, death: torch.Tensor, growth: torch.Tensor, keep: int, grow: int) -> torch.Tensor:
+    """SSAM-D's new mask: of the entries ``old`` perturbs, the (at most) ``keep`` with the largest
+    ``death`` score, and of the others the ``grow`` with the largest ``growth`` score. The cap at
+    the number now perturbed is read on the device, per client, with no host sync."""
+    new = torch.zeros_like(old)
+    if keep > 0:
+        top = death.masked_fill(~old, -math.inf).topk(keep, dim=-1).indices  # largest first
+        new.scatter_(-1, top, torch.arange(keep, device=old.device) < old.sum(-1, keepdim=True))
+    if grow > 0:
+        new.scatter_(-1, growth.masked_fill(old, -math.inf).topk(grow, dim=-1).indices, True)
+    return new
 
 
 class SparseSAM(PerturbThenDescend):
@@ -140,9 +201,10 @@ class SparseSAM(PerturbThenDescend):
         params = self._all_params()
         buffers = self._buffers(params, "mask")
         if masks is None:
-            live = self._size() - math.ceil(self._size() * _exact(self.sparsity))
-            scores = self._random_scores() if self.mode == "dynamic" else None
-            self._set_top(scores, live if scores is not None else 0)
+            if self.mode == "dynamic":
+                self._set_top(self._random_scores(), initial_dynamic_count(self._size(), self.sparsity))
+            else:
+                self._unflatten_into(buffers, torch.zeros(self._size(), dtype=torch.bool))
             return
         masks = list(masks)
         if len(masks) != len(params):
@@ -157,13 +219,9 @@ class SparseSAM(PerturbThenDescend):
     def _size(self) -> int:
         return sum(p.numel() for p in self._all_params())
 
-    def _set_top(self, scores: torch.Tensor | None, k: int) -> None:
+    def _set_top(self, scores: torch.Tensor, k: int) -> None:
         """Mask = 1 on the ``k`` largest of the flat ``scores`` over all parameters, 0 elsewhere."""
-        buffers = self._buffers(self._all_params(), "mask")
-        flat = torch.zeros(self._size(), dtype=torch.bool, device=buffers[0].device if buffers else None)
-        if k > 0:
-            flat[scores.topk(k).indices.to(flat.device)] = True
-        self._unflatten_into(buffers, flat)
+        self._unflatten_into(self._buffers(self._all_params(), "mask"), top_mask(scores, k))
 
     @staticmethod
     def _unflatten_into(buffers: list[torch.Tensor], flat: torch.Tensor) -> None:
@@ -175,8 +233,7 @@ class SparseSAM(PerturbThenDescend):
         return torch.cat([t.reshape(-1).to(device) for t in tensors]) if tensors else torch.zeros(0)
 
     def _random_scores(self) -> torch.Tensor:
-        device = self.generator.device if self.generator is not None else "cpu"
-        return torch.rand(self._size(), generator=self.generator, device=device)
+        return random_scores(self._size(), self.generator)
 
     # -- the schedule ----------------------------------------------------------------------------
 
@@ -204,12 +261,12 @@ class SparseSAM(PerturbThenDescend):
         """SSAM-D's drop rate ``r₀·(1 + cos(π·e/E_total))/2``: ``r₀`` at 0, ``r₀/2`` half way, 0 at the end."""
         if self.total_epochs is None:
             raise ValueError("drop_rate_at needs total_epochs (E_total, or the number of rounds T in a federation)")
-        return self.drop_rate * (1 + math.cos(math.pi * epoch / self.total_epochs)) / 2
+        return drop_rate_at(self.drop_rate, epoch, self.total_epochs)
 
     def _refresh_due(self) -> bool:
         """Whether this step is the first of an epoch ``e`` with ``e mod update_freq = 0``."""
         spe = self.steps_per_epoch
-        return spe is not None and self._steps % spe == 0 and self.epoch % self.update_freq == 0
+        return spe is not None and self._steps % spe == 0 and refresh_due(self.epoch, self.update_freq)
 
     # -- the two refresh rules -------------------------------------------------------------------
 
@@ -238,8 +295,7 @@ class SparseSAM(PerturbThenDescend):
                 torch._foreach_addcmul_([f for f, _ in with_grad], [g for _, g in with_grad],
                                         [g for _, g in with_grad])
         self.zero_grad()
-        keep = math.floor(self._size() * (1 - _exact(self.sparsity)))
-        self._set_top(self._flat(fisher), keep)
+        self._set_top(self._flat(fisher), fisher_count(self._size(), self.sparsity))
 
     @torch.no_grad()
     def refresh_dynamic(self, drop_rate: float) -> None:
@@ -253,10 +309,7 @@ class SparseSAM(PerturbThenDescend):
         buffers = self._buffers(params, "mask")
         perturbed = {id(p) for p in self._perturbed}
         old = self._flat(buffers).bool()
-        size, s, r = self._size(), _exact(self.sparsity), _exact(round(drop_rate, 12))
-        dense = size - size * s  # P − P·s, exactly
-        keep = min(math.floor(dense * (1 - r)), int(old.sum()))  # never more than are perturbed now
-        grow = math.floor(min(dense * r, size * s))
+        keep, grow = dynamic_counts(self._size(), self.sparsity, drop_rate)
 
         def scores(kind: str) -> torch.Tensor:
             if kind == "random":
@@ -267,13 +320,8 @@ class SparseSAM(PerturbThenDescend):
                 values = [self.state[p]["old_p"] if id(p) in perturbed else p for p in params]
             return self._flat(values).abs().to(old.device)
 
-        death = scores(self.death).masked_fill(~old, -math.inf)
-        born = scores(self.growth).masked_fill(old, -math.inf)
-        new = torch.zeros_like(old)
-        if keep > 0:
-            new[death.topk(keep).indices] = True
-        if grow > 0:
-            new[born.topk(grow).indices] = True
+        death = scores(self.death)  # drawn first, as the rule reads
+        new = regrown(old, death, scores(self.growth), keep, grow)
         self._unflatten_into(buffers, new)
 
     # -- the step --------------------------------------------------------------------------------
@@ -312,3 +360,48 @@ class SparseSAM(PerturbThenDescend):
         if refresh and self.mode == "fisher":
             self.refresh_fisher()
         return loss
+
+
+# -- a federated client's state, and handing it to a client's optimizer ------------------------------
+
+
+class ExampleStream(Protocol):
+    """Where SSAM-F's Fisher examples come from (``fedsam.data.SingleExamples``)."""
+
+    def take(self, count: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class SparseState:
+    """One client's Sparse SAM state for a round, as both engines read it (``load_client_state``
+    here, ``fedsam.cohort.train_cohort`` batched): its mask by parameter name (``None``: the mode's
+    initial mask) and its cumulative local epochs, carried between rounds; and for this round,
+    SSAM-F's Fisher examples and SSAM-D's generator (``None``: the optimizer's own, from its
+    ``seed``, else torch's global RNG)."""
+
+    mask: dict[str, torch.Tensor] | None = None
+    epoch: int = 0
+    examples: ExampleStream | None = field(default=None, repr=False)
+    generator: torch.Generator | None = field(default=None, repr=False)
+
+
+def load_client_state(optimizer: SparseSAM, model: torch.nn.Module, state: SparseState, names: list[str],
+                      steps_per_epoch: int, sparse_round: int) -> None:
+    """Hand one client's state to its optimizer for a round: the generator (before the initial
+    mask, which SSAM-D draws from it), the mask, the epoch count, the round's SSAM-D drop rate
+    ``r₀(1 + cos(π t/T))/2`` with ``t = sparse_round``, and SSAM-F's Fisher examples, the next of
+    the client's stream each (``names``: the parameters in ``param_groups`` order)."""
+    if state.generator is not None:
+        optimizer.generator = state.generator
+    optimizer.load_mask(None if state.mask is None else [state.mask[n] for n in names])
+    drop = optimizer.drop_rate_at(sparse_round) if optimizer.mode == "dynamic" else None
+    optimizer.set_epoch(state.epoch, steps_per_epoch=steps_per_epoch, drop_rate=drop)
+    examples = state.examples
+    if examples is None:
+        return
+
+    def fisher_loss(_: int) -> torch.Tensor:
+        x, y = examples.take(1)
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    optimizer.fisher_loss = fisher_loss
