@@ -16,15 +16,16 @@ What a worker process keeps across rounds and clients (data, partition, models, 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsam import wire
-from fedsam.cohort import PERTURBATION as BATCHED_RULE, SPARSE, train_cohort, use_batched
+from fedsam.cohort import PERTURBATION as BATCHED_RULE, train_cohort, use_batched
 from fedsam.data import DeviceBatches, SingleExamples
-from fedsam.optim import BUILTIN, DualSAM, FixedPerturbation, GlobalFlatSAM, SparseSAM
+from fedsam.optim import BUILTIN, SPARSE_SAM, DualSAM, FixedPerturbation, GlobalFlatSAM, SparseSAM
 from fedsam.optim.ssam import SparseState, load_client_state
 from fedsam.runtime import autocast_dtype, memory_format, resolve_device, round_seed, use_cuda_graphs
 from fedsam.train import LocalResult, train_locally
@@ -33,7 +34,7 @@ from fedsam.worker import cached_model, client_indices, device_data, local_optim
 app = ClientApp()
 
 #: Built-ins whose step decides on the host (Sparse SAM's schedule and top-k): never a CUDA graph.
-HOST_STEPPED = ("ssam-f", "ssam-d")
+HOST_STEPPED = tuple(SPARSE_SAM)
 
 
 def node_partition(node_config: dict, num_clients: int) -> int:
@@ -102,21 +103,25 @@ def round_correction(content: RecordDict, pid: int, start: dict[str, torch.Tenso
 
 
 SPARSE_EPOCH = "__epoch__"  # beside the mask in Sparse SAM's optimizer-state record
+FISHER_SEED_OFFSET = 1  # SSAM-F's example stream: the client's round seed + 1 (its minibatches use + 0)
+MASK_SEED_OFFSET = 2  # SSAM-D's random draws: the client's round seed + 2
 
 
-def sparse_state(content: RecordDict, pid: int, names: list[str], device: torch.device,
-                 examples: SingleExamples, seed: int) -> SparseState:
+def sparse_state(content: RecordDict, pid: int, names: list[str], device: torch.device, mode: str,
+                 client_batches: Callable[[int], DeviceBatches], seed: int) -> SparseState:
     """Sparse SAM in a federation (a project choice; the paper has none): the client's own mask
     and cumulative epoch count from its last round (``None`` and 0 the first time: the mode's
-    initial mask), SSAM-F's Fisher examples drawn from the client's own data with its training
-    transforms, and SSAM-D's generator, seeded per client and round so that the draws do not
-    depend on which process trains the client (nor on whether its optimizer was kept from an
-    earlier round). Both engines start from this."""
+    initial mask); for SSAM-F, Fisher examples drawn from the client's own data with its training
+    transforms (``client_batches(seed)``); for SSAM-D, a generator seeded per client and round so
+    that the draws do not depend on which process trains the client (nor on whether its
+    optimizer was kept from an earlier round). Both engines start from this."""
     record = wire.client_record(content, wire.OPTIMIZER_STATE, pid)
     state = None if record is None else record.to_torch_state_dict()
-    return SparseState(mask=None if state is None else {n: state[n].to(device) for n in names},
-                       epoch=0 if state is None else int(state[SPARSE_EPOCH]),
-                       examples=examples, generator=torch.Generator().manual_seed(seed))
+    return SparseState(
+        mask=None if state is None else {n: state[n].to(device) for n in names},
+        epoch=0 if state is None else int(state[SPARSE_EPOCH]),
+        examples=SingleExamples(client_batches(seed + FISHER_SEED_OFFSET)) if mode == "fisher" else None,
+        generator=torch.Generator().manual_seed(seed + MASK_SEED_OFFSET) if mode == "dynamic" else None)
 
 
 def sparse_record(names: list[str], masks: list[torch.Tensor], epoch: int) -> ArrayRecord:
@@ -170,9 +175,9 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
                              mean=data.mean, std=data.std, augment=True, shuffle=True,
                              seed=seeds[pid] if seed is None else seed, memory_format=memory_format(device))
 
-    def sparse(pid: int) -> SparseState:  # the Fisher stream from seed + 1, SSAM-D's draws from seed + 2
-        return sparse_state(content, pid, names, device, SingleExamples(batches(pid, seed=seeds[pid] + 1)),
-                            seeds[pid] + 2)
+    def sparse(pid: int) -> SparseState:
+        return sparse_state(content, pid, names, device, SPARSE_SAM[spec], lambda seed: batches(pid, seed),
+                            seeds[pid])
 
     num_clients = int(config["num-clients"])
     for pid in partition_ids:
@@ -183,7 +188,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
         try:
             duals = [on_device(wire.client_record(content, wire.DUAL, pid), device) for pid in partition_ids]
             keeps_duals = BATCHED_RULE.get(spec) == "dual"
-            keeps_masks = BATCHED_RULE.get(spec) in SPARSE
+            keeps_masks = spec in SPARSE_SAM
             states = [sparse(pid) for pid in partition_ids] if keeps_masks else None
             if not keeps_duals and (shift is not None or any(u is not None for u in duals)):
                 raise ValueError(no_duals)

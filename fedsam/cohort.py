@@ -56,7 +56,7 @@ PERTURBATION = {"sgd": "none", "sam": "sam", "asam": "asam", "fgsm-sam": "fgsm",
                 "gf-sam": "global-flat", "dual-sam": "dual", "ssam-f": "sparse-fisher", "ssam-d": "sparse-dynamic"}
 SPARSE = ("sparse-fisher", "sparse-dynamic")
 
-#: Per-example gradients a Fisher chunk holds at once, in entries (a few hundred MB in float32).
+#: Per-example gradients a Fisher chunk holds at once, in entries (128 MiB in float32).
 FISHER_CHUNK_ENTRIES = 1 << 25
 
 
@@ -73,14 +73,14 @@ class ClientRule:
     eta: float = 0.0
     steps: int = 1
     ascent_momentum: float = 0.0
-    # Sparse SAM's (fedsam.optim.ssam); their defaults come from the factories, as every option's
-    sparsity: float = 0.0
-    ssam_norm: str = "full"
-    update_freq: int = 1
-    num_samples: int = 1
-    drop_rate: float = 0.0
-    death: str = "gradient"
-    growth: str = "random"
+    # Sparse SAM's (fedsam.optim.ssam), set by ``of`` from the factories' defaults; None for other rules
+    sparsity: float | None = None
+    ssam_norm: str | None = None
+    update_freq: int | None = None
+    num_samples: int | None = None
+    drop_rate: float | None = None
+    death: str | None = None
+    growth: str | None = None
     total_epochs: int | None = None
     seed: int | None = None
 
@@ -97,7 +97,8 @@ class ClientRule:
             raise ValueError("Nesterov momentum has no batched rule")
         rule = cls(PERTURBATION[spec], **values)
         if rule.perturbation in SPARSE:  # SparseSAM checks its own options: one home for their limits
-            factory([torch.zeros(1, requires_grad=True)], **values)
+            probe = {**values, "seed": 0} if "seed" in values else values  # no draw from the global RNG
+            factory([torch.zeros(1, requires_grad=True)], **probe)
         if rule.perturbation == "dual" and not rule.rho >= 0:  # as DualSAM: ρ = 0 is its plain-step test hook
             raise ValueError(f"rho must be >= 0, got {rule.rho}")
         if rule.perturbation not in ("none", "dual") and rule.rho is not None and not rule.rho > 0:
@@ -411,9 +412,12 @@ class _SparseMasks:
         self.size = sum(v[0].numel() for v in params.values())
         self.generators = [s.generator if s.generator is not None else
                            torch.Generator().manual_seed(rule.seed) if rule.seed is not None else None for s in states]
-        self.drop_rate = None  # SSAM-D's r(t) for this round
-        if self.dynamic and rule.total_epochs is not None:
-            self.drop_rate = ssam.drop_rate_at(rule.drop_rate, sparse_round, rule.total_epochs)
+        if self.dynamic and rule.total_epochs is None:
+            raise ValueError("SSAM-D's drop rate needs total_epochs (the number of rounds T in a federation)")
+        if self.dynamic and any(g is None for g in self.generators):
+            raise ValueError("batched ssam-d needs each client's generator (SparseState.generator) or a seed: "
+                             "torch's global RNG would be drawn in another order than one client at a time")
+        self.drop_rate = ssam.drop_rate_at(rule.drop_rate, sparse_round, rule.total_epochs) if self.dynamic else None
         flat = []
         for state, generator in zip(states, self.generators):
             if state.mask is not None:
@@ -422,7 +426,7 @@ class _SparseMasks:
                         raise ValueError(f"a client's sparse mask has no {n!r} of shape {tuple(shape)}")
                 flat.append(torch.cat([state.mask[n].reshape(-1).to(self.device) for n in self.shapes]) != 0)
             elif self.dynamic:
-                initial = ssam.initial_dynamic_count(self.size, rule.sparsity)
+                initial = ssam.perturbed_count(self.size, rule.sparsity)
                 flat.append(ssam.top_mask(ssam.random_scores(self.size, generator), initial).to(self.device))
             else:  # SSAM-F starts with no entry perturbed
                 flat.append(torch.zeros(self.size, dtype=torch.bool, device=self.device))
@@ -445,8 +449,6 @@ class _SparseMasks:
         return gradient(_combine(params, eps), x, y, w)[0]
 
     def _regrow(self, due: list[int], g: Tensors) -> None:
-        if self.drop_rate is None:
-            raise ValueError("SSAM-D's drop rate needs total_epochs (the number of rounds T in a federation)")
         rows = torch.tensor(due, device=self.device)
         old = self._flat(self.masks, rows) != 0
 
@@ -463,7 +465,7 @@ class _SparseMasks:
         """SSAM-F: each due client's mask becomes the top ``⌊P(1 − s)⌋`` of ``Σ_j (∇ℓ_j)²`` over
         its next ``num_samples`` examples, at its current weights."""
         chunk = max(1, FISHER_CHUNK_ENTRIES // self.size)
-        keep = ssam.fisher_count(self.size, self.rule.sparsity)
+        keep = ssam.perturbed_count(self.size, self.rule.sparsity)
         for c in due:
             examples = self.states[c].examples
             if examples is None:

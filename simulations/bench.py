@@ -13,8 +13,9 @@
 (e) on a GPU: rounds of the FL-Simulator MoFedSAM setting (ResNet-18-GN, 10 clients x 5 epochs
     x 500 images, batch 50) through ``fedsam run``, with batched cohorts on and off;
 (f) batched cohorts against one client at a time, each eager and as CUDA graphs, for cohorts of
-    1, 5, 10 and 100 CNN clients and 1 and 10 ResNet-18-GN clients, plus the FL-Simulator round's
-    client work (``simulations.cohort_bench``, which runs without Flower too).
+    1, 5, 10 and 100 CNN clients and 1 and 10 ResNet-18-GN clients, plus, on a GPU, the
+    FL-Simulator round's client work and an SSAM-F round's (``simulations.cohort_bench``, which
+    runs without Flower too).
 
 Every figure is the median of ``--repeats`` runs after a warm-up. The table goes to stdout, the
 figures and a description of the machine to ``--out`` (JSON).
@@ -520,6 +521,7 @@ def run(args: argparse.Namespace) -> int:
             rows = list(cohort_bench.cohort_sweep(device, repeats, args.quick))
             if device.type == "cuda" and not args.quick:
                 rows.append(cohort_bench.fl_simulator_round(device, repeats))
+                rows.append(cohort_bench.sparse_round(device, repeats))  # SSAM-F's Fisher refresh, batched
             report["cohorts"] = rows
             print("\n(f) a round's client work: one client at a time against one batched cohort")
             for row in rows:

@@ -34,7 +34,7 @@ from fedsam.cohort import train_cohort
 from fedsam.data import DeviceBatches, SingleExamples
 from fedsam.data.cifar import LAYOUTS
 from fedsam.models import build_model
-from fedsam.optim import build
+from fedsam.optim import SPARSE_SAM, build
 from fedsam.optim.ssam import SparseState, load_client_state
 from fedsam.runtime import autocast_dtype, memory_format, resolve_device
 from fedsam.train import train_locally
@@ -97,7 +97,7 @@ def round_both_ways(model_name: str, num: int, size: int, epochs: int, batch: in
     start_state = copy.deepcopy(model.state_dict())
     first: dict[str, dict[str, torch.Tensor]] = {}  # each variant's first client, trained
 
-    sparse = spec in ("ssam-f", "ssam-d")
+    sparse = spec in SPARSE_SAM
     names = [n for n, _ in model.named_parameters()]
 
     def one_by_one(graph: bool) -> dict[str, torch.Tensor]:

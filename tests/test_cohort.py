@@ -403,9 +403,16 @@ def test_batched_ssam_d_draws_from_the_rules_seed_without_a_generator():
             assert torch.equal(carried[i].mask[name], theirs.bool())
 
 
-def test_batched_ssam_f_without_fisher_examples_says_so():
+def test_batched_sparse_sam_says_what_it_lacks():
     with pytest.raises(ValueError, match="Fisher examples"):
         train_cohort(Small().double(), "ssam-f", {"lr": 0.05}, [_batches(0, 16)], 1)
+    with pytest.raises(ValueError, match="generator"):  # the global RNG's order would differ from one by one
+        train_cohort(Small().double(), "ssam-d", {"lr": 0.05, "total_epochs": 2}, [_batches(0, 16)], 1)
+    with pytest.raises(ValueError, match="total_epochs"):
+        train_cohort(Small().double(), "ssam-d", {"lr": 0.05, "seed": 1}, [_batches(0, 16)], 1)
+    state = torch.get_rng_state()
+    ClientRule.of("ssam-d", {"lr": 0.05})  # checking the options draws nothing from the global RNG
+    assert torch.equal(state, torch.get_rng_state())
 
 
 def test_single_examples_continue_the_stream_across_calls_and_epochs():
@@ -415,6 +422,8 @@ def test_single_examples_continue_the_stream_across_calls_and_epochs():
     pieces = [parts.take(k) for k in (1, 7, 12)]
     torch.testing.assert_close(torch.cat([x for x, _ in pieces]), whole[0], rtol=0, atol=0)
     assert torch.equal(torch.cat([y for _, y in pieces]), whole[1])
-    epoch = list(_batches(0, 9, batch=9, seed=5))[0]  # the same generator's first epoch, as one batch
-    torch.testing.assert_close(whole[0][:9], epoch[0], rtol=0, atol=0)
-    assert sorted(whole[1][9:18].tolist()) == sorted(whole[1][:9].tolist())  # the second epoch: the same examples
+    as_batches = _batches(0, 9, batch=9, seed=5)  # the same generator's epochs, each as one batch
+    first, second = next(iter(as_batches)), next(iter(as_batches))
+    torch.testing.assert_close(whole[0][:9], first[0], rtol=0, atol=0)
+    torch.testing.assert_close(whole[0][9:18], second[0], rtol=0, atol=0)  # reshuffled and re-augmented
+    assert not torch.equal(whole[1][:9], whole[1][9:18])

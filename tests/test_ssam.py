@@ -247,6 +247,43 @@ def test_dynamic_gradient_death_keeps_the_largest_gradients():
     assert torch.equal(kept, expected)
 
 
+def test_a_refresh_never_keeps_more_than_are_perturbed_now():
+    """A mask carried from an earlier round may hold fewer entries than the rule keeps: all of
+    them stay, and the growth comes on top."""
+    prob = Problem()
+    opt = ssam(prob, "dynamic", sparsity=0.2, drop_rate=0.5, steps_per_epoch=1, update_freq=1, total_epochs=10)
+    few = torch.zeros(P, dtype=torch.bool)
+    few[[0, 7, 30]] = True
+    opt.load_mask([piece.view_as(p) for piece, p in zip(few.split([p.numel() for p in prob.model.parameters()]),
+                                                         prob.model.parameters())])
+    opt.set_epoch(0, steps_per_epoch=1, drop_rate=0.5)  # keep ⌊34.4·0.5⌋ = 17 > 3; grow ⌊min(17.2, 8.6)⌋ = 8
+    opt.step(prob.closure(opt))
+    new = flat(opt.mask()).bool()
+    assert torch.equal(new & few, few)
+    assert int(new.sum()) == 3 + 8
+
+
+def test_regrow_caps_each_client_at_its_own_count():
+    """``regrown`` over stacked clients: each row keeps at most the entries it perturbs now."""
+    from fedsam.optim.ssam import regrown
+
+    g = torch.Generator().manual_seed(0)
+    old = torch.zeros(3, 20, dtype=torch.bool)
+    old[0, :2] = True  # fewer than keep
+    old[1, :12] = True  # more than keep
+    death, growth = torch.rand(3, 20, generator=g, dtype=torch.float64), torch.rand(3, 20, generator=g,
+                                                                                    dtype=torch.float64)
+    new = regrown(old, death, growth, keep=5, grow=3)
+    for row in range(3):
+        kept = min(5, int(old[row].sum()))
+        expected = torch.zeros(20, dtype=torch.bool)
+        if kept:
+            expected[death[row].masked_fill(~old[row], -1).topk(kept).indices] = True
+        expected[growth[row].masked_fill(old[row], -1).topk(3).indices] = True
+        assert torch.equal(new[row], expected), row
+    assert new.sum(1).tolist() == [2 + 3, 5 + 3, 0 + 3]
+
+
 def test_drop_rate_schedule():
     opt = ssam(Problem(), "dynamic", drop_rate=0.5, total_epochs=8)
     assert opt.drop_rate_at(0) == 0.5

@@ -6,8 +6,8 @@ from .batchnorm import FirstPassStats, batchnorm_layers, frozen_running_stats
 from .fgsm import FGSMSAM, l2_equivalent_rho
 from .gf_sam import GlobalFlatSAM
 from .lesam import FixedPerturbation
-from .registry import (BUILTIN, FEDERATED_RHO, FEDGF_RHO, OptimizerSpecError, build, names, portable_spec, register, resolve,
-                       restart, unregister)
+from .registry import (BUILTIN, FEDERATED_RHO, FEDGF_RHO, SPARSE_SAM, OptimizerSpecError, build, names, portable_spec,
+                       register, resolve, restart, unregister)
 from .sam import ASAM_SCOPES, SAM, asam_param_groups, asam_scaled
 from .ssam import SSAM_MODES, SSAM_NORMS, SSAM_SCORES, SparseSAM
 
@@ -27,6 +27,7 @@ __all__ = [
     "SSAM_MODES",
     "SSAM_NORMS",
     "SSAM_SCORES",
+    "SPARSE_SAM",
     "SparseSAM",
     "asam_param_groups",
     "asam_scaled",

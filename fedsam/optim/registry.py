@@ -111,6 +111,9 @@ def gf_sam(params: Iterable, lr: float = 0.01, momentum: float = 0.0, weight_dec
     return GlobalFlatSAM(params, torch.optim.SGD, rho=rho, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+#: The built-in Sparse SAM specs and their mask rules; their mask is client state.
+SPARSE_SAM = {"ssam-f": "fisher", "ssam-d": "dynamic"}
+
 BUILTIN: dict[str, Factory] = {"sgd": sgd, "sam": sam, "asam": asam, "fgsm-sam": fgsm_sam, "dual-sam": dual_sam,
                                "ssam-f": ssam_f, "ssam-d": ssam_d, "lesam": lesam, "gf-sam": gf_sam}
 _registry: dict[str, Factory] = dict(BUILTIN)

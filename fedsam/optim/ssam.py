@@ -70,14 +70,10 @@ def _exact(value: float) -> Fraction:
 # -- are flat over all parameters along the last dimension; leading dimensions are clients.
 
 
-def fisher_count(size: int, sparsity: float) -> int:
-    """SSAM-F's perturbed entries ``⌊P·(1 − s)⌋``."""
+def perturbed_count(size: int, sparsity: float) -> int:
+    """The entries SSAM-F's refresh perturbs, ``⌊P·(1 − s)⌋``, which are as many as SSAM-D's initial
+    random mask holds, ``P − ⌈P·s⌉`` (the spec's two formulas are one number, ``P`` being whole)."""
     return math.floor(size * (1 - _exact(sparsity)))
-
-
-def initial_dynamic_count(size: int, sparsity: float) -> int:
-    """SSAM-D's initial random entries ``P − ⌈P·s⌉``."""
-    return size - math.ceil(size * _exact(sparsity))
 
 
 def dynamic_counts(size: int, sparsity: float, drop_rate: float) -> tuple[int, int]:
@@ -99,9 +95,11 @@ def refresh_due(epoch: int, update_freq: int) -> bool:
 
 
 def random_scores(size: int, generator: torch.Generator | None) -> torch.Tensor:
-    """SSAM-D's random scores (and its random initial mask), drawn from ``generator``."""
+    """SSAM-D's random scores (and its random initial mask), drawn from ``generator`` in float64:
+    float32 has only 2^24 values in [0, 1), so a large model's scores would tie, and a top-k
+    would break the ties as its implementation pleases."""
     device = generator.device if generator is not None else "cpu"
-    return torch.rand(size, generator=generator, device=device)
+    return torch.rand(size, generator=generator, device=device, dtype=torch.float64)
 
 
 def top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -202,7 +200,7 @@ class SparseSAM(PerturbThenDescend):
         buffers = self._buffers(params, "mask")
         if masks is None:
             if self.mode == "dynamic":
-                self._set_top(self._random_scores(), initial_dynamic_count(self._size(), self.sparsity))
+                self._set_top(self._random_scores(), perturbed_count(self._size(), self.sparsity))
             else:
                 self._unflatten_into(buffers, torch.zeros(self._size(), dtype=torch.bool))
             return
@@ -295,7 +293,7 @@ class SparseSAM(PerturbThenDescend):
                 torch._foreach_addcmul_([f for f, _ in with_grad], [g for _, g in with_grad],
                                         [g for _, g in with_grad])
         self.zero_grad()
-        self._set_top(self._flat(fisher), fisher_count(self._size(), self.sparsity))
+        self._set_top(self._flat(fisher), perturbed_count(self._size(), self.sparsity))
 
     @torch.no_grad()
     def refresh_dynamic(self, drop_rate: float) -> None:
