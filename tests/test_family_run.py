@@ -145,14 +145,16 @@ class KilledAfter(InProcessGrid):
 
 @pytest.mark.parametrize("changes", [dict(strategy="fedgloss", gloss_warmup=2, swa_start=2),
                                      dict(strategy="fedlesam", swa_start=2), dict(strategy="scaffold"),
-                                     dict(strategy="feddyn"), dict(strategy="fedsmoo", optimizer="dual-sam")],
+                                     dict(strategy="feddyn"), dict(strategy="fedsmoo", optimizer="dual-sam"),
+                                     dict(optimizer="ssam-d", ssam_sparsity=0.5, ssam_update_freq=1)],
                          ids=["fedgloss-duals-and-swa", "fedlesam-memory-and-swa", "scaffold-c_i", "feddyn-h_i",
-                              "fedsmoo-duals"])
+                              "fedsmoo-duals", "ssam-d-masks"])
 def test_a_run_killed_after_a_checkpoint_resumes_exactly(cifar10_dir, tmp_path, changes):
     """The state of the global-perturbation methods, of SWA and the client state kept on the server
-    (SCAFFOLD's c_i, FedDyn's h_i, FedSMOO's duals) travels in the checkpoint: a run stopped after
-    round 2 and resumed equals the uninterrupted run (test_resilience.py kills a real run with -9
-    and resumes it through the same checkpoint)."""
+    (SCAFFOLD's c_i, FedDyn's h_i, FedSMOO's duals, Sparse SAM's masks) travels in the checkpoint: a
+    run stopped after round 2 and resumed equals the uninterrupted run (test_resilience.py kills a
+    real run with -9 and resumes it through the same checkpoint). SSAM-D's random draws must not
+    depend on whether the worker kept its optimizer from an earlier run or round."""
     whole = _run(cifar10_dir, tmp_path / "whole", **changes)
     values = {"data_dir": str(cifar10_dir), "out": str(tmp_path / "part"), **BASE, **changes}
     cfg = configuration.apply(configuration.ExperimentConfig(), values, "test").resolved()
