@@ -71,32 +71,54 @@ def processes():
                 proc.wait()
 
 
-def test_superlink_and_two_supernodes_run_the_same_apps_through_flwr_run(cifar10_dir, tmp_path):
-    home = tmp_path / "flwr-home"
-    home.mkdir()
+def _deploy(cifar10_dir, work: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """A SuperLink, two SuperNodes and ``flwr run --stream`` of a 2-round run; the CLI's result and
+    the run's folder, after every process has stopped."""
+    home = work / "flwr-home"
+    home.mkdir(parents=True)
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{BIN}:{os.environ['PATH']}"}
     link = free_port()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "here"\n\n[superlink.here]\n'
                                       f'address = "127.0.0.1:{link}"\ninsecure = true\n')
-    out = tmp_path / "deployed"
+    out = work / "deployed"
     with processes() as start:
         start([str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link),
-               "--disable-runtime-dependency-installation"], tmp_path / "superlink.log", env=env, cwd=tmp_path)
+               "--disable-runtime-dependency-installation"], work / "superlink.log", env=env, cwd=work)
         wait_for_port(link)
         for pid in (0, 1):
             start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
                    "--port", str(free_port()),
                    "--node-config", f"partition-id={pid} num-partitions=2 data-dir='{cifar10_dir}'"],
-                  tmp_path / f"supernode{pid}.log", env=env, cwd=tmp_path)
+                  work / f"supernode{pid}.log", env=env, cwd=work)
         # The nodes read their data from --node-config; the ServerApp evaluates centrally, so the run
         # config's data-dir is the server's copy.
         run_config = (f"data-dir='{cifar10_dir}' num-clients=2 clients-per-round=2 rounds=2 device='cpu' "
                       f"strategy='fedsam' batch-size=32 out='{out}'")
         proc = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "here", "--stream", "--run-config", run_config],
-                              env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "round 2/2" in proc.stdout, proc.stdout
+                              env=env, capture_output=True, text=True, timeout=600, cwd=work)
+    return proc, out
+
+
+#: What the SuperLink logs once it has failed a run whose ServerApp missed its heartbeats ("No heartbeat
+#: received from the task"): the run's processes lose their task tokens, and ``flwr run --stream``
+#: ends quietly with exit status 0.
+HEARTBEAT_EXPIRED = "Runtime task-token authentication failed"
+
+
+def test_superlink_and_two_supernodes_run_the_same_apps_through_flwr_run(cifar10_dir, tmp_path):
+    """Flower's own deployment: the same ServerApp and ClientApp through a SuperLink and two SuperNodes.
+    Six processes on two cores can starve the ServerApp's heartbeat (seen once in CI, 2026-12-01); the
+    SuperLink then fails the run by itself, which is Flower's behaviour, not ours, so that case, and
+    only that one, is tried once more."""
+    for attempt in (1, 2):
+        work = tmp_path / f"attempt-{attempt}"
+        proc, out = _deploy(cifar10_dir, work)
+        if attempt == 1 and HEARTBEAT_EXPIRED in (work / "superlink.log").read_text():
+            continue
+        break
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "round 2/2" in proc.stdout, proc.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2] and all(r["clients"] == 2 and r["failed_clients"] == 0
                                                            for r in records)
