@@ -43,7 +43,7 @@ strategy aggregates, checks for non-finite arrays and records failures client by
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -148,10 +148,23 @@ def optimizer_options(config: ConfigRecord, partition_id: int) -> dict:
     }
 
 
-def split(partition_ids: list[int], workers: int) -> list[list[int]]:
-    """``workers`` cohorts of near-equal size, dealt round-robin from the sorted ids."""
+def split(partition_ids: list[int], workers: int, work: Sequence[float] | None = None) -> list[list[int]]:
+    """``workers`` cohorts, each in id order. Without ``work``, of near-equal size, dealt round-robin
+    from the sorted ids (a batched cohort takes as long as its longest client, whatever the others).
+    With ``work`` (indexed by partition id: what a client costs, e.g. its examples), clients that
+    train one after another are packed so the cohorts finish together: the largest first, each onto
+    the cohort with the least work so far (longest-processing-time-first)."""
     ordered = sorted(partition_ids)
-    return [ordered[i::workers] for i in range(min(workers, len(ordered)))]
+    count = min(workers, len(ordered))
+    if work is None:
+        return [ordered[i::workers] for i in range(count)]
+    cohorts: list[list[int]] = [[] for _ in range(count)]
+    loads = [0.0] * count
+    for pid in sorted(ordered, key=lambda p: (-work[p], p)):
+        lightest = min(range(count), key=lambda i: (loads[i], len(cohorts[i])))
+        cohorts[lightest].append(pid)
+        loads[lightest] += work[pid]
+    return [sorted(c) for c in cohorts]
 
 
 def client_record(content: RecordDict, name: str, partition_id: int) -> ArrayRecord | None:

@@ -12,7 +12,7 @@ Built on Flower's message-API ``FedAvg``, so any Flower ServerApp can drive it w
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from logging import INFO, WARNING
@@ -103,6 +103,7 @@ class SeededRounds:
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
+        self.cohort_work: list[float] | None = None  # see balance_cohorts
         self.sampler = ClientSampler(num_clients, clients_per_round, seed, sampling)
         self.lr_decay = lr_decay
         self.query_timeout = query_timeout
@@ -115,6 +116,15 @@ class SeededRounds:
         self._failures: list[tuple[int, str]] = []  # (partition id, reason) of the last round
         self.sent: dict[int, list[int]] = {}  # node id -> the partitions its message of this round trains
         self._answered: set[int] = set()  # partitions of this round that replied, successfully or not
+
+    def balance_cohorts(self, work: Sequence[float]) -> None:
+        """Deal each round's clients to the ``workers`` cohorts by ``work`` (per partition id, e.g. its
+        examples), so cohorts whose clients train one after another finish together, instead of
+        round-robin by id (``fedsam.wire.split``). Which client trains in which cohort changes no
+        result: each trains alone from the round's model with its own seed."""
+        if len(work) != self.sampler.num_clients:
+            raise ValueError(f"work must have one entry per client ({self.sampler.num_clients}), got {len(work)}")
+        self.cohort_work = [float(w) for w in work]
 
     def checkpoint_state(self) -> dict[str, Any]:
         """What must survive a restart besides the global model (sampling and the lr schedule are
@@ -228,7 +238,7 @@ class SeededRounds:
                             message_type=MessageType.TRAIN) for pid in sampled]
         messages = []
         self.sent = {}
-        for cohort in wire.split(sampled, self.workers):
+        for cohort in wire.split(sampled, self.workers, self.cohort_work):
             cohort_config = ConfigRecord(dict(content["config"]))
             cohort_config[wire.PARTITION_IDS] = cohort
             cohort_content = self._with_client_records(content, server_round, cohort)

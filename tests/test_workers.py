@@ -53,6 +53,25 @@ def test_split_deals_sorted_ids_round_robin():
     assert wire.split([3], 4) == [[3]]
 
 
+def test_split_by_work_packs_the_largest_first_onto_the_lightest_cohort():
+    work = [280, 171, 527, 882, 1054, 230, 572, 706, 513, 235]  # examples per client of a Dirichlet split
+    # 1054 → A; 572 → B; 280 → B (852); 230 → B (1082, as 852 < 1054); 171 → A (1225, as 1054 < 1082)
+    assert wire.split([0, 1, 4, 5, 6], 2, work) == [[1, 4], [0, 5, 6]]
+    round_robin = [sum(work[p] for p in c) for c in wire.split([0, 1, 4, 5, 6], 2)]
+    assert max(round_robin) == 1906  # [0, 4, 6] against [1, 5]: the makespan LPT cuts to 1225
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # every client once, cohorts in id order, within Graham's bound for list scheduling
+        ids = sorted(rng.choice(40, size=int(rng.integers(1, 12)), replace=False).tolist())
+        weights = rng.integers(0, 2000, size=40).tolist()
+        workers = int(rng.integers(1, 5))
+        packed = wire.split(ids, workers, weights)
+        assert sorted(sum(packed, [])) == ids and all(c == sorted(c) and c for c in packed)
+        assert len(packed) == min(workers, len(ids))
+        total, largest, m = sum(weights[p] for p in ids), max(weights[p] for p in ids), len(packed)
+        assert max(sum(weights[p] for p in c) for c in packed) <= total / m + (1 - 1 / m) * largest + 1e-9
+    assert wire.split([2, 5, 7], 3, [0] * 10) == [[2], [5], [7]]  # no work at all: still one each
+
+
 @pytest.mark.parametrize("strategy_class", [FedAvg, MoFedSAM])
 @pytest.mark.long
 def test_cohort_messages_aggregate_exactly_as_one_message_per_client(cifar10_dir, strategy_class):
@@ -210,17 +229,43 @@ def test_a_stopped_run_resumes_exactly_with_the_engine_on(cifar10_dir, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cohorts_only_in_simulations_and_only_where_clients_batch(cifar10_dir):
+def test_cohorts_only_in_simulations_one_per_worker(cifar10_dir):
     from simulations.experiment import cohort_workers
 
     on = _config(cifar10_dir, vectorize="on")
     assert cohort_workers(on, None) is None  # the Deployment Engine: one message per node, always
     assert cohort_workers(_config(cifar10_dir, vectorize="on", workers=3), None) is None
     assert cohort_workers(on, 4) == 4
-    assert cohort_workers(_config(cifar10_dir), 4) is None  # auto on a CPU: one message per client
-    assert cohort_workers(_config(cifar10_dir, vectorize="on", optimizer="torch.optim:Adam"), 4) is None
-    assert cohort_workers(_config(cifar10_dir, vectorize="on", model="resnet18", norm="batch"), 4) is None
+    assert cohort_workers(on, 1) == 1  # one worker trains the round's clients batched in one call
+    assert cohort_workers(_config(cifar10_dir), 4) == 4  # auto on a CPU: clients one after another, packed
+    assert cohort_workers(_config(cifar10_dir), 1) is None  # one worker: one message per client, as before
+    assert cohort_workers(_config(cifar10_dir, vectorize="on", optimizer="torch.optim:Adam"), 4) == 4
     assert cohort_workers(_config(cifar10_dir, workers=3), 4) == 3
+
+
+def test_cohorts_of_clients_trained_one_after_another_are_packed_by_examples(cifar10_dir, tmp_path):
+    """Unbatched cohorts are dealt by the clients' sizes, batched ones round-robin (a batched cohort
+    lasts as long as its longest client)."""
+    from simulations.experiment import check
+
+    seen = []
+
+    class Recording(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            if messages and messages[0].metadata.message_type == "train":
+                seen.append([list(m.content["config"][wire.PARTITION_IDS]) for m in messages])
+            return super().send_and_receive(messages, timeout=timeout)
+
+    for vectorize in ("off", "on"):
+        cfg = _run_cfg(cifar10_dir, tmp_path / vectorize, vectorize=vectorize, rounds=1, num_clients=6,
+                       clients_per_round=5, partition="dirichlet", dirichlet_alpha=0.3)
+        sizes = check(cfg).partition.sizes().tolist()
+        run_inprocess(cfg, Recording(app, cfg.num_clients), available_workers=2)
+        sampled = sorted(sum(seen[-1], []))
+        expected = wire.split(sampled, 2, sizes if vectorize == "off" else None)
+        assert seen[-1] == expected
+    assert seen[0] != seen[1]  # this split's sizes make the two dealings differ
 
 
 class Stray:
