@@ -97,25 +97,40 @@ def check(cfg: ExperimentConfig, out: Path | None = None, data: ImageDataset | N
 
 def trains_batched(cfg: ExperimentConfig) -> bool:
     """Whether a cohort of this run's clients trains as one batched model (``fedsam.cohort``):
-    ``--vectorize on``, or ``auto`` on a GPU, for a rule and model that can batch."""
+    ``--vectorize on``, or ``auto`` on a GPU, for a rule and model that can batch, without relaxed
+    initialisation (whose clients start from their own models after round 1, which the batched
+    engine does not take: ``fedsam.client_app.train_partitions``)."""
     if cfg.vectorize == "off" or (cfg.vectorize == "auto" and resolve_device(cfg.device).type != "cuda"):
+        return False
+    if cfg.relaxed_init > 0:
         return False
     return batchable(cfg.optimizer, build_model(cfg.model, 10, cfg.norm)) is None
 
 
-def cohort_workers(cfg: ExperimentConfig, available: int | None) -> int | None:
+#: The most bytes of trained models one cohort's reply may carry by default where its clients train one
+#: after another; above it, ``auto`` sends one message per client (a worker holds its cohort's models).
+COHORT_REPLY_BYTES = 512 * 2**20
+
+
+def cohort_workers(cfg: ExperimentConfig, available: int | None, batched: bool | None = None) -> int | None:
     """How many cohort messages a round sends, in a simulation (``available`` workers; ``None`` on
     the Deployment Engine, where each node is one client and gets its own message): ``--workers``
-    when given, else one per worker where clients train batched or where there are two workers or
-    more (their clients one after another, cohorts packed by examples: 5 % less a round than one
-    message per client on 2 CPU cores, docs/performance.md), else one message per client."""
+    when given; else one per worker where clients train batched (``batched``, computed when
+    ``None``); else, on a local CPU with two workers or more, one per worker, its clients trained one
+    after another and packed by examples (measured faster than one message per client on 2 cores:
+    docs/performance.md), unless a cohort's models would pass ``COHORT_REPLY_BYTES``; else one
+    message per client (a GPU's or a cluster's free worker takes the next client)."""
     if available is None:
         return None
     if cfg.workers > 0:
         return cfg.workers
-    if trains_batched(cfg):
+    if trains_batched(cfg) if batched is None else batched:
         return max(1, available)
-    return available if available > 1 else None
+    if available < 2 or cfg.ray_address or resolve_device(cfg.device).type != "cpu":
+        return None
+    model = build_model(cfg.model, 10, cfg.norm)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return available if math.ceil(cfg.clients_per_round / available) * model_bytes <= COHORT_REPLY_BYTES else None
 
 
 def fl_simulator_steps(cfg: ExperimentConfig, partition: Partition) -> float:
@@ -280,11 +295,13 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, cfg.norm)
     arrays = ArrayRecord(model.state_dict())
-    partition = cached_partition(data.train_labels.numpy(), cfg.partition_spec(), data.num_classes)
-    workers = cohort_workers(cfg, available_workers)
-    strategy = build_strategy(cfg, [name for name, _ in model.named_parameters()], workers,
-                              partition if cfg.step_normaliser == "fl-simulator" else None)
-    if workers is not None and not trains_batched(cfg):  # clients one after another: pack cohorts by examples
+    batched = trains_batched(cfg)
+    workers = cohort_workers(cfg, available_workers, batched)
+    packed = workers is not None and not batched  # cohorts of clients trained one after another
+    partition = (cached_partition(data.train_labels.numpy(), cfg.partition_spec(), data.num_classes)
+                 if packed or cfg.step_normaliser == "fl-simulator" else None)
+    strategy = build_strategy(cfg, [name for name, _ in model.named_parameters()], workers, partition)
+    if packed:  # packed by examples, so that the cohorts finish together
         strategy.balance_cohorts(partition.sizes())
     evaluator = CentralEvaluator(model, data, device, cfg.precision)
     probe = None

@@ -121,7 +121,8 @@ class SeededRounds:
         """Deal each round's clients to the ``workers`` cohorts by ``work`` (per partition id, e.g. its
         examples), so cohorts whose clients train one after another finish together, instead of
         round-robin by id (``fedsam.wire.split``). Which client trains in which cohort changes no
-        result: each trains alone from the round's model with its own seed."""
+        result: each trains alone, from its own start with its own seed, and replies are aggregated
+        in partition order."""
         if len(work) != self.sampler.num_clients:
             raise ValueError(f"work must have one entry per client ({self.sampler.num_clients}), got {len(work)}")
         self.cohort_work = [float(w) for w in work]
