@@ -184,8 +184,8 @@ class ExperimentConfig:
     cuda_graphs: str = _f("auto", "replay each local training step as one CUDA graph (auto: on GPUs)",
                           ("auto", "on", "off"))
     workers: int = _f(0, "cohort messages per round: the round's clients are dealt to this many workers, each "
-                      "training its cohort in one call (0 = auto: one per Ray worker when there are two or "
-                      "more or clients train batched, else one message per client)")
+                      "training its cohort in one call (0 = auto: one per Ray worker when clients train batched "
+                      "or on a local CPU with two workers or more, else one message per client)")
     num_cpus_per_client: float = _f(1.0, "CPU cores Ray reserves per client")
     num_gpus_per_client: float = _f(-1.0, "GPU share Ray reserves per client, e.g. 0.25 (-1 = auto)")
     ray_num_cpus: int = _f(0, "CPU cores the local Ray instance may use (0 = all; a sweep sets it per run)")
