@@ -222,6 +222,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
         try:
             torch.manual_seed(seeds[pid])
             model.load_state_dict(starts[pid])
+            client_batches = batches(pid)  # made once (a padded copy of the client's images)
             optimizer = local_optimizer(model, spec, wire.optimizer_options(config, pid))
             dual = wire.client_record(content, wire.DUAL, pid)
             if isinstance(optimizer, DualSAM):  # FedSMOO: this client's u_i and the server's s, every round
@@ -231,7 +232,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
             elif dual is not None or shift is not None:
                 raise ValueError(no_duals)
             if isinstance(optimizer, SparseSAM):
-                load_client_state(optimizer, model, sparse(pid), names, len(batches(pid)), sparse_round)
+                load_client_state(optimizer, model, sparse(pid), names, len(client_batches), sparse_round)
             if isinstance(optimizer, GlobalFlatSAM):  # FedGF: the server's w̃ and κ
                 optimizer.load_global(None if point is None else [point[n] for n in names],
                                       wire.strategy_value(config, "gf-kappa"))
@@ -244,7 +245,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
             elif perturbation is not None:
                 raise ValueError(f"the message carries FedLESAM's perturbation but optimizer {spec!r} takes none "
                                  "(use lesam)")
-            result = train_locally(model, optimizer, batches(pid), epochs, num_examples=len(parts[pid]),
+            result = train_locally(model, optimizer, client_batches, epochs, num_examples=len(parts[pid]),
                                    correction=corrections[pid], **knobs)
             out[pid] = {"arrays": ArrayRecord(model.state_dict()), "metrics": metric_record(result)}
             if isinstance(optimizer, DualSAM):

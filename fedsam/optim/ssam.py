@@ -202,7 +202,7 @@ class SparseSAM(PerturbThenDescend):
             if self.mode == "dynamic":
                 self._set_top(self._random_scores(), perturbed_count(self._size(), self.sparsity))
             else:
-                self._unflatten_into(buffers, torch.zeros(self._size(), dtype=torch.bool))
+                torch._foreach_zero_(buffers)
             return
         masks = list(masks)
         if len(masks) != len(params):
