@@ -10,9 +10,9 @@ Two settings, each run both ways on the same data, seeds and steps:
   each refreshing its mask from 1,024 Fisher examples (one backward pass each one client at a
   time; per-example gradients in chunks, batched).
 
-Only the clients' training is timed (from the global weights to each client's trained weights),
-not Flower, Ray or evaluation. Runs without Flower installed:
-``python -m simulations.cohort_bench --out cohort.json``.
+Only the clients' training is timed (from the global weights and each client's images on the
+device to each client's trained weights), not making the images, Flower, Ray or evaluation.
+Runs without Flower installed: ``python -m simulations.cohort_bench --out cohort.json``.
 """
 
 from __future__ import annotations
@@ -44,13 +44,22 @@ CIFAR10 = LAYOUTS["cifar10"]
 VARIANTS = ("one_by_one", "one_by_one_graph", "batched", "batched_graph")
 
 
-def synthetic_clients(num: int, size: int, batch: int, device: torch.device, seed: int = 0) -> list[DeviceBatches]:
+def synthetic_data(num: int, size: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num`` clients' random images and labels on ``device``, made once: in ``fedsam run`` a
+    worker keeps its data on the device across rounds, so drawing it is not a round's work."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (num * size, 3, 32, 32), generator=g, dtype=torch.uint8).to(device)
-    labels = torch.randint(0, 10, (num * size,), generator=g).to(device)
+    return images, torch.randint(0, 10, (num * size,), generator=g).to(device)
+
+
+def synthetic_clients(data: tuple[torch.Tensor, torch.Tensor], num: int, batch: int, seed: int = 0
+                      ) -> list[DeviceBatches]:
+    """The clients' minibatches over ``synthetic_data``: a round's work, as a ClientApp builds them each round."""
+    images, labels = data
+    size = len(images) // num
     return [DeviceBatches(images[i * size:(i + 1) * size], labels[i * size:(i + 1) * size], batch,
                           mean=CIFAR10.mean, std=CIFAR10.std, augment=True, shuffle=True, seed=seed + i,
-                          memory_format=memory_format(device))
+                          memory_format=memory_format(images.device))
             for i in range(num)]
 
 
@@ -99,9 +108,10 @@ def round_both_ways(model_name: str, num: int, size: int, epochs: int, batch: in
 
     sparse = spec in SPARSE_SAM
     names = [n for n, _ in model.named_parameters()]
+    data = synthetic_data(num, size, device)
 
     def one_by_one(graph: bool) -> dict[str, torch.Tensor]:
-        clients = synthetic_clients(num, size, batch, device)
+        clients = synthetic_clients(data, num, batch)
         for i, (batches, kept) in enumerate(zip(clients, fresh_sparse(clients) if sparse else [None] * num)):
             worker.load_state_dict(start_state)
             optimizer = build(spec, worker.parameters(), **options)
@@ -113,7 +123,7 @@ def round_both_ways(model_name: str, num: int, size: int, epochs: int, batch: in
         return state
 
     def batched(graph: bool) -> dict[str, torch.Tensor]:
-        clients = synthetic_clients(num, size, batch, device)
+        clients = synthetic_clients(data, num, batch)
         results = train_cohort(model, spec, options, clients, epochs, cuda_graph=graph,
                                sparse=fresh_sparse(clients) if sparse else None, **mix)
         return results[0][0]
@@ -193,8 +203,10 @@ def profile_cohort(device: torch.device, out: Path) -> None:
     model = build_model("cnn", 10).to(device)
     options = {"lr": 0.05, "rho": 0.1}
 
+    data = synthetic_data(100, 50, device)
+
     def one_round() -> None:
-        train_cohort(model, "sam", options, synthetic_clients(100, 50, 32, device), 1,
+        train_cohort(model, "sam", options, synthetic_clients(data, 100, 32), 1,
                      autocast_dtype=autocast_dtype("auto", device))
 
     one_round()

@@ -105,3 +105,25 @@ def test_the_bench_reads_the_round_off_a_progress_line(tmp_path, rounds):
         assert RunRecorder.progress_round(line + "\n") == rnd
     for other in ("fedsam run → runs/x: fedavg with sgd", "done in 3.0 s", "rounds 1/2", "round x/2", ""):
         assert RunRecorder.progress_round(other) is None
+
+
+def test_a_stopped_bench_keeps_what_it_measured(tmp_path, monkeypatch):
+    """The JSON is rewritten after every measurement, so a bench stopped by a time limit (a lent
+    GPU's call) keeps its finished rows."""
+    import argparse
+
+    from simulations import bench, cohort_bench
+
+    def sweep(device, repeats, quick):
+        yield {"model": "cnn", "clients": 1}
+        raise KeyboardInterrupt  # stopped during the second row
+
+    monkeypatch.setattr(cohort_bench, "cohort_sweep", sweep)
+    monkeypatch.setattr(cohort_bench, "describe", lambda row: f"{row['model']} x{row['clients']}")
+    out = tmp_path / "bench.json"
+    args = argparse.Namespace(device="cpu", quick=True, repeats=1, rounds=1, out=str(out), data_dir=None,
+                              skip="a,b,c,d,e")
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(args)
+    report = json.loads(out.read_text())
+    assert report["cohorts"] == [{"model": "cnn", "clients": 1}] and report["machine"]["cores"] >= 1
