@@ -201,8 +201,9 @@ def test_a_whole_run_gives_the_same_metrics_with_the_engine_on_and_off(cifar10_d
         assert any(batched)
     # accuracy counts argmax decisions, and the two engines round differently in float32 (vmap's
     # reductions against one client's): a near-tie among the 200 test images may flip (seen for
-    # FedGF after 2 rounds, FedSMOO after 3), so one image is the tolerance; the losses hold to 1e-4
-    assert abs(off["final_test_accuracy"] - on["final_test_accuracy"]) <= 1 / 200 + 1e-12
+    # FedGF after 2 rounds, FedSMOO after 3; two images for FedGF on an AMD EPYC VM), so two images
+    # are the tolerance; the losses hold to 1e-4
+    assert abs(off["final_test_accuracy"] - on["final_test_accuracy"]) <= 2 / 200 + 1e-12
     for a, b in zip(_records(tmp_path / "off"), _records(tmp_path / "on"), strict=True):
         assert (a["round"], a["clients"], a["failed_clients"], a["local_steps"]) == \
             (b["round"], b["clients"], b["failed_clients"], b["local_steps"])
