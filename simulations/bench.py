@@ -535,15 +535,17 @@ def run(args: argparse.Namespace) -> int:
         if "f" not in skip:
             print("\n(f) a round's client work: one client at a time against one batched cohort", flush=True)
             rows = report["cohorts"] = []
-            measurements = [lambda: cohort_bench.cohort_sweep(device, repeats, args.quick)]
+
+            def measured(row: dict[str, Any]) -> None:
+                rows.append(row)
+                print("  " + cohort_bench.describe(row), flush=True)
+                keep()
+
+            for row in cohort_bench.cohort_sweep(device, repeats, args.quick):
+                measured(row)
             if device.type == "cuda" and not args.quick:
-                measurements += [lambda: [cohort_bench.fl_simulator_round(device, repeats)],
-                                 lambda: [cohort_bench.sparse_round(device, repeats)]]  # SSAM-F's Fisher refresh
-            for measure in measurements:
-                for row in measure():
-                    rows.append(row)
-                    print("  " + cohort_bench.describe(row), flush=True)
-                    keep()
+                measured(cohort_bench.fl_simulator_round(device, repeats))
+                measured(cohort_bench.sparse_round(device, repeats))  # SSAM-F's Fisher refresh, batched
     keep()
     print(f"\nwrote {args.out}")
     return 0
