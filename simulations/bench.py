@@ -221,7 +221,7 @@ def plain_loop(cfg, data, rounds: int, per_image: bool = False) -> list[float]:
     image on the host (``PerImage``), one client after another in one process."""
     from fedsam.worker import client_indices, device_data, local_optimizer
     from fedsam import wire
-    from fedsam.runtime import round_seed
+    from fedsam.runtime import eval_batch_size, round_seed
     from fedsam.train import evaluate
     from strategies import ClientSampler
 
@@ -232,7 +232,8 @@ def plain_loop(cfg, data, rounds: int, per_image: bool = False) -> list[float]:
     global_model = build_model(cfg.model, dd.num_classes, cfg.norm).to(device)
     worker = build_model(cfg.model, dd.num_classes, cfg.norm).to(device)
     sampler = ClientSampler(cfg.num_clients, cfg.clients_per_round, cfg.seed, cfg.client_sampling)
-    test = DeviceBatches(data.test_images.to(device), data.test_labels.to(device), 1000, mean=dd.mean, std=dd.std)
+    test = DeviceBatches(data.test_images.to(device), data.test_labels.to(device), eval_batch_size(device),
+                         mean=dd.mean, std=dd.std)
     config = wire.train_config(cfg)  # what a client of `fedsam run` reads; the lr does not decay here
     seconds = []
     for rnd in range(1, rounds + 1):

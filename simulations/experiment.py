@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from fedsam import wire
-from fedsam.runtime import autocast_dtype, resolve_device
+from fedsam.runtime import autocast_dtype, eval_batch_size, keep_freed_memory, resolve_device
 from fedsam.data import DataError, DeviceBatches, ImageDataset, Partition, PartitionError, cached_partition, load
 from fedsam.data import partition_record, summarize, write_partition_json
 from fedsam.cohort import batchable
@@ -35,9 +35,6 @@ from strategies import (FedAdam, FedAvg, FedAvgM, FedCM, FedDyn, FedGAMMA, FedGF
                         FedLESAMS, FedProx, FedSAM, FedSMOO, FedSpeed, MoFedSAM, NodeSetupError, RoundReport, Scaffold)
 from strategies.fedgloss import GLOSS_RHO
 from strategies.swa import SWA
-
-EVAL_BATCH = 1000
-
 
 #: How Ray reports a ClientApp worker process that died (killed, out of host memory, segfault).
 WORKER_DEATH = ("ActorDiedError", "RayActorError", "actor died")
@@ -195,9 +192,10 @@ class CentralEvaluator:
     """The global model on the whole test set, on the server's device."""
 
     def __init__(self, model: torch.nn.Module, data: ImageDataset, device: torch.device, precision: str) -> None:
+        keep_freed_memory()  # the server evaluates every round: the same page faults as a training worker's
         self.model = model.to(device)
         self.autocast = autocast_dtype(precision, device)
-        self.batches = DeviceBatches(data.test_images.to(device), data.test_labels.to(device), EVAL_BATCH,
+        self.batches = DeviceBatches(data.test_images.to(device), data.test_labels.to(device), eval_batch_size(device),
                                      mean=data.mean, std=data.std)
 
     def __call__(self, arrays: ArrayRecord) -> Evaluation:
