@@ -75,9 +75,11 @@ def top_eigenvalue(losses: list[tuple[Loss, float]], params: list[torch.Tensor],
     return shifted + dominant, used + more
 
 
-def model_sharpness(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
+def model_sharpness(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 128,
                     iters: int = 20, tol: float = 1e-3, seed: int = 0) -> float:
-    """``λ_max`` of the mean cross-entropy of ``model`` on (normalised, on-device) ``images``."""
+    """``λ_max`` of the mean cross-entropy of ``model`` on (normalised, on-device) ``images``.
+    ``batch_size`` only splits the sum; 128 keeps a CNN's activations below glibc's mmap threshold
+    on a CPU (10 HVP iterations on 1,024 images: 9.9-10.0 s against 10.8-12.5 s at 256, 2 cores)."""
     was_training = model.training
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
