@@ -1,7 +1,5 @@
 """``python -m simulations`` is the ``fedsam`` command."""
 
-import sys
+from simulations.cli import entry
 
-from simulations.cli import main
-
-sys.exit(main())
+entry()

@@ -93,7 +93,7 @@ def test_the_servers_evaluation_stops_faulting_its_activations_in_again():
         assert out.returncode == 0, out.stderr
         return int(out.stdout.split()[-1])
 
-    kept, mapped = min(faults("server"), faults("server")), faults("batch-1000")
+    kept, mapped = faults("server"), faults("batch-1000")  # kept: 2-114 seen, mapped: 160,000
     assert mapped > 20000  # the activations of 1,000 images, every call
     assert kept < mapped / 10
 
