@@ -38,10 +38,10 @@ def memory_format(device: torch.device) -> torch.memory_format:
 
 
 def eval_batch_size(device: torch.device) -> int:
-    """Test-set batches: 1,000 images on a GPU, where fewer launches pay; 128 on a CPU, where a
-    small batch's activations stay in cache and below ``keep_freed_memory``'s mmap threshold
-    (2 cores: 0.20 s against 0.29 s for the CNN on 1,017 images, 1.37 s against 1.72 s for
-    ResNet-18 on 500; docs/performance.md)."""
+    """Test-set batches: 1,000 images on a GPU, where fewer launches pay; 128 on a CPU, where small
+    batches stay in cache and the CNN's activations stay below ``keep_freed_memory``'s mmap
+    threshold. On 2 cores 128 was as fast as 64 and faster than 256 to 1,000, for the CNN and for
+    ResNet-18 (docs/performance.md)."""
     return 1000 if device.type == "cuda" else 128
 
 

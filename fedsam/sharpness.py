@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsam.runtime import eval_batch_size
+
 Loss = Callable[[], torch.Tensor]
 
 
@@ -75,11 +77,14 @@ def top_eigenvalue(losses: list[tuple[Loss, float]], params: list[torch.Tensor],
     return shifted + dominant, used + more
 
 
-def model_sharpness(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 128,
+def model_sharpness(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int | None = None,
                     iters: int = 20, tol: float = 1e-3, seed: int = 0) -> float:
     """``λ_max`` of the mean cross-entropy of ``model`` on (normalised, on-device) ``images``.
-    ``batch_size`` only splits the sum; 128 keeps a CNN's activations below glibc's mmap threshold
-    on a CPU (10 HVP iterations on 1,024 images: 9.9-10.0 s against 10.8-12.5 s at 256, 2 cores)."""
+    ``batch_size`` only splits the sum. By default it is the test-set evaluation's on a CPU
+    (``eval_batch_size``: faster there than 256, docs/performance.md), and 256 on a GPU, where each
+    batch holds a double-backward graph."""
+    if batch_size is None:
+        batch_size = min(eval_batch_size(images.device), 256)
     was_training = model.training
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]

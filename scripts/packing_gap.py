@@ -22,12 +22,14 @@ from statistics import fmean
 from fedsam.wire import split
 from simulations import config as configuration
 
-#: Above this many assignments per sample, the best packing is not searched (it grows as workers ** clients).
+#: Above this many assignments per sample the best packing is not searched (workers ** (clients - 1)).
 MAX_ASSIGNMENTS = 1 << 16
 
 
 @dataclass(frozen=True)
 class Gap:
+    """What each packing leaves on the busiest worker, averaged over every sample of a round."""
+
     samples: int
     longest_first: float  # mean over the samples of the busiest worker's examples
     best: float
@@ -35,13 +37,14 @@ class Gap:
     samples_where_best_is_shorter: int
 
 
-def busiest(cohorts: list[list[int]] | tuple[tuple[int, ...], ...], work: list[int]) -> int:
+def busiest(cohorts: list[list[int]], work: list[int]) -> int:
+    """The round's training lasts as long as its busiest worker's clients."""
     return max(sum(work[pid] for pid in cohort) for cohort in cohorts)
 
 
 def best_makespan(pids: tuple[int, ...], workers: int, work: list[int]) -> int:
     """The busiest worker's examples under the best assignment of ``pids`` to ``workers``."""
-    if workers ** len(pids) > MAX_ASSIGNMENTS:
+    if workers ** (len(pids) - 1) > MAX_ASSIGNMENTS:
         raise ValueError(f"{workers} workers and {len(pids)} clients a round: too many assignments to try")
     best = sum(work[pid] for pid in pids)
     rest = pids[1:]

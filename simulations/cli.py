@@ -51,15 +51,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def exit_without_teardown(code: int) -> NoReturn:
-    """End a finished command at once. After every command the interpreter's teardown of torch's,
-    Ray's and Flower's modules took 0.8-1.2 s on 2 cores, and it frees nothing the OS does not:
-    the exit handlers libraries registered still run (Ray's shutdown, logging's last flush, ...),
-    then the streams are flushed, and only the teardown itself is skipped. A command that left a
-    non-daemon thread running exits the usual way, which waits for it."""
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+    """End a finished command at once. After every ``fedsam run`` the interpreter's teardown of
+    torch's, Ray's and Flower's modules took 1.2 s on 2 cores, and it frees nothing the OS does
+    not: the exit handlers libraries registered still run (Ray's shutdown, logging's last flush,
+    ...), then the streams are flushed, and only the teardown itself is skipped. The usual exit,
+    which waits, is kept where something may still need the teardown or write after ``main``: a
+    non-daemon thread still working, a profiler or tracer in charge (cProfile writes its file
+    after the code returns)."""
+    busy = any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread())
+    if busy or sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with that descriptor closed
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe (`fedsam report | head`) or stream
@@ -68,8 +73,9 @@ def exit_without_teardown(code: int) -> NoReturn:
 
 
 def entry() -> NoReturn:
-    """The ``fedsam`` command and ``python -m simulations``: ``main`` in a process of its own.
-    An exception out of ``main`` (a traceback) ends the process the usual way."""
+    """The ``fedsam`` command and ``python -m simulations``: ``main`` in a process of its own, so it
+    may end without the teardown; ``main`` itself returns, for tests and callers in process. An
+    exception out of ``main`` (a traceback) ends the process the usual way."""
     try:
         code = main()
     except SystemExit as exc:  # argparse's --help, --version and bad flags

@@ -7,9 +7,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from fedsam.runtime import eval_batch_size
 from tests.helpers import ROOT
 
 # One client's training, twice, in a fresh process: minor page faults of the second call.
@@ -55,29 +53,28 @@ def test_a_process_that_only_trains_stops_faulting_its_steps_memory_in_again():
 
 
 # The server's evaluation of a 1,000-image test set, twice, in a fresh process: minor page faults of
-# the second call, through the server's evaluator ("server") or as before 2026-12-02 ("batch-1000").
+# the second call. The server's evaluator as it is ("server"), or with one of its two choices
+# undone: no ``keep_freed_memory`` ("no-keep"), or batches of 1,000 images ("batch-1000").
 EVAL_FAULTS = """
 import resource, sys, torch
 from flwr.app import ArrayRecord
-from fedsam.data import DeviceBatches
 from fedsam.data.cifar import ImageDataset
 from fedsam.models import build_model
-from fedsam.train import evaluate
-from simulations.experiment import CentralEvaluator
+from simulations import experiment
+if sys.argv[1] == "no-keep":
+    experiment.keep_freed_memory = lambda: False
+if sys.argv[1] == "batch-1000":
+    experiment.eval_batch_size = lambda device: 1000
 g = torch.Generator().manual_seed(0)
 images = torch.randint(0, 256, (1000, 3, 32, 32), dtype=torch.uint8, generator=g)
 labels = torch.randint(0, 10, (1000,), generator=g)
 data = ImageDataset("cifar10", images[:10], labels[:10], images, labels, [str(c) for c in range(10)], (0.5,) * 3, (0.25,) * 3)
 model = build_model("cnn", 10)
-if sys.argv[1] == "server":
-    evaluator, arrays = CentralEvaluator(model, data, torch.device("cpu"), "auto"), ArrayRecord(model.state_dict())
-    call = lambda: evaluator(arrays)
-else:
-    batches = DeviceBatches(images, labels, 1000, mean=data.mean, std=data.std)
-    call = lambda: evaluate(model, batches)
+evaluator = experiment.CentralEvaluator(model, data, torch.device("cpu"), "auto")
+arrays = ArrayRecord(model.state_dict())
 for _ in range(2):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    call()
+    evaluator(arrays)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
@@ -85,22 +82,18 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
 @pytest.mark.long
 def test_the_servers_evaluation_stops_faulting_its_activations_in_again():
-    """The server evaluates every round; at 1,000 images a batch without ``keep_freed_memory`` each
-    call mmapped its activations afresh and faulted them in page by page."""
+    """The server evaluates every round. Without ``keep_freed_memory`` glibc trimmed the freed
+    activations after each call; at 1,000 images a batch they were mapped afresh every call. Either
+    way the next call faulted them in again, page by page."""
     def faults(mode: str) -> int:
         out = subprocess.run([sys.executable, "-c", EVAL_FAULTS, mode], cwd=ROOT, capture_output=True, text=True,
                              timeout=120, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
         assert out.returncode == 0, out.stderr
         return int(out.stdout.split()[-1])
 
-    kept, mapped = faults("server"), faults("batch-1000")  # kept: 2-114 seen, mapped: 160,000
-    assert mapped > 20000  # the activations of 1,000 images, every call
-    assert kept < mapped / 10
-
-
-def test_an_evaluation_batch_per_device():
-    assert eval_batch_size(torch.device("cpu")) == 128
-    assert eval_batch_size(torch.device("cuda")) == 1000
+    kept = faults("server")
+    for undone in ("no-keep", "batch-1000"):
+        assert kept < faults(undone) / 10, undone
 
 
 def test_malloc_settings_from_the_environment_are_left_alone():
