@@ -72,14 +72,18 @@ def exit_without_teardown(code: int) -> NoReturn:
     os._exit(code)
 
 
-def entry() -> NoReturn:
-    """The ``fedsam`` command and ``python -m simulations``: ``main`` in a process of its own, so it
-    may end without the teardown; ``main`` itself returns, for tests and callers in process. An
-    exception out of ``main`` (a traceback) ends the process the usual way."""
+def status(argv: Sequence[str] | None = None) -> int:
+    """``main``'s exit status, argparse's own exits (``--help``, ``--version``, bad flags) included."""
     try:
-        code = main()
-    except SystemExit as exc:  # argparse's --help, --version and bad flags
+        return main(argv)
+    except SystemExit as exc:
         if not (exc.code is None or isinstance(exc.code, int)):
             raise
-        code = exc.code or 0
-    exit_without_teardown(code)
+        return exc.code or 0
+
+
+def entry() -> NoReturn:
+    """The ``fedsam`` command and ``python -m simulations``: ``main`` in a process of its own, so it
+    may end without the teardown; ``status`` returns, for tests and callers in process. An
+    exception out of ``main`` (a traceback) ends the process the usual way."""
+    exit_without_teardown(status())

@@ -10,11 +10,8 @@ REAL_SUBSET = ROOT.parent / "shared" / "data" / "cifar10-subset"
 
 def run_cli(argv, capsys):
     """``fedsam ARGV`` in this process: (exit status, stdout, stderr)."""
-    from simulations.cli import main
+    from simulations.cli import status
 
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse exits itself for bad flags
-        code = exc.code
+    code = status([str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out, out.err

@@ -66,8 +66,7 @@ def test_a_thread_still_working_or_a_profiler_gets_the_usual_exit(tmp_path, mode
 def test_a_command_started_with_its_output_closed_keeps_its_code(tmp_path):
     """With descriptor 1 closed Python's ``sys.stdout`` is ``None``: nothing to flush."""
     command = " ".join(shlex.quote(arg) for arg in [sys.executable, "-c", ENDING, str(tmp_path / "mark"), "plain"])
-    done = subprocess.run(f"exec {command} >&-", shell=True,
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(f"exec {command} >&-", shell=True, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 3, done.stderr
     assert (tmp_path / "mark.atexit").read_text() == "ran"
 

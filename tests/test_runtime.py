@@ -33,8 +33,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", FAULTS, mode], cwd=ROOT, capture_output=True, text=True, timeout=120,
+def _faults(mode: str, script: str = FAULTS) -> int:
+    out = subprocess.run([sys.executable, "-c", script, mode], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     return int(out.stdout.split()[-1])
@@ -85,15 +85,9 @@ def test_the_servers_evaluation_stops_faulting_its_activations_in_again():
     """The server evaluates every round. Without ``keep_freed_memory`` glibc trimmed the freed
     activations after each call; at 1,000 images a batch they were mapped afresh every call. Either
     way the next call faulted them in again, page by page."""
-    def faults(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", EVAL_FAULTS, mode], cwd=ROOT, capture_output=True, text=True,
-                             timeout=120, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
-        assert out.returncode == 0, out.stderr
-        return int(out.stdout.split()[-1])
-
-    kept = faults("server")
+    kept = _faults("server", EVAL_FAULTS)
     for undone in ("no-keep", "batch-1000"):
-        assert kept < faults(undone) / 10, undone
+        assert kept < _faults(undone, EVAL_FAULTS) / 10, undone
 
 
 def test_malloc_settings_from_the_environment_are_left_alone():
