@@ -27,9 +27,9 @@ from fedsam.cohort import PERTURBATION as BATCHED_RULE, train_cohort, use_batche
 from fedsam.data import DeviceBatches, SingleExamples
 from fedsam.optim import BUILTIN, SPARSE_SAM, DualSAM, FixedPerturbation, GlobalFlatSAM, SparseSAM
 from fedsam.optim.ssam import SparseState, load_client_state
-from fedsam.runtime import autocast_dtype, memory_format, resolve_device, round_seed, use_cuda_graphs
+from fedsam.runtime import autocast_dtype, resolve_device, round_seed, use_cuda_graphs
 from fedsam.train import LocalResult, train_locally
-from fedsam.worker import cached_model, client_indices, device_data, local_optimizer, partition_spec
+from fedsam.worker import cached_model, client_batches, client_indices, device_data, local_optimizer, partition_spec
 
 app = ClientApp()
 
@@ -108,11 +108,11 @@ MASK_SEED_OFFSET = 2  # SSAM-D's random draws: the client's round seed + 2
 
 
 def sparse_state(content: RecordDict, pid: int, names: list[str], device: torch.device, mode: str,
-                 client_batches: Callable[[int], DeviceBatches], seed: int) -> SparseState:
+                 seeded_batches: Callable[[int], DeviceBatches], seed: int) -> SparseState:
     """Sparse SAM in a federation (a project choice; the paper has none): the client's own mask
     and cumulative epoch count from its last round (``None`` and 0 the first time: the mode's
     initial mask); for SSAM-F, Fisher examples drawn from the client's own data with its training
-    transforms (``client_batches(seed)``); for SSAM-D, a generator seeded per client and round so
+    transforms (``seeded_batches(seed)``); for SSAM-D, a generator seeded per client and round so
     that the draws do not depend on which process trains the client (nor on whether its
     optimizer was kept from an earlier round). Both engines start from this."""
     record = wire.client_record(content, wire.OPTIMIZER_STATE, pid)
@@ -120,7 +120,7 @@ def sparse_state(content: RecordDict, pid: int, names: list[str], device: torch.
     return SparseState(
         mask=None if state is None else {n: state[n].to(device) for n in names},
         epoch=0 if state is None else int(state[SPARSE_EPOCH]),
-        examples=SingleExamples(client_batches(seed + FISHER_SEED_OFFSET)) if mode == "fisher" else None,
+        examples=SingleExamples(seeded_batches(seed + FISHER_SEED_OFFSET)) if mode == "fisher" else None,
         generator=torch.Generator().manual_seed(seed + MASK_SEED_OFFSET) if mode == "dynamic" else None)
 
 
@@ -170,10 +170,8 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
                  autocast_dtype=autocast_dtype(str(config["precision"]), device))
 
     def batches(pid: int, seed: int | None = None) -> DeviceBatches:
-        idx = parts[pid]
-        return DeviceBatches(data.images[idx], data.labels[idx], int(config["batch-size"]),
-                             mean=data.mean, std=data.std, augment=True, shuffle=True,
-                             seed=seeds[pid] if seed is None else seed, memory_format=memory_format(device))
+        return client_batches(data, parts[pid], int(config["batch-size"]), seeds[pid] if seed is None else seed,
+                              model, device)
 
     def sparse(pid: int) -> SparseState:
         return sparse_state(content, pid, names, device, SPARSE_SAM[spec], lambda seed: batches(pid, seed),
@@ -222,7 +220,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
         try:
             torch.manual_seed(seeds[pid])
             model.load_state_dict(starts[pid])
-            client_batches = batches(pid)  # made once (a padded copy of the client's images)
+            own_batches = batches(pid)  # made once (a padded copy of the client's images)
             optimizer = local_optimizer(model, spec, wire.optimizer_options(config, pid))
             dual = wire.client_record(content, wire.DUAL, pid)
             if isinstance(optimizer, DualSAM):  # FedSMOO: this client's u_i and the server's s, every round
@@ -232,7 +230,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
             elif dual is not None or shift is not None:
                 raise ValueError(no_duals)
             if isinstance(optimizer, SparseSAM):
-                load_client_state(optimizer, model, sparse(pid), names, len(client_batches), sparse_round)
+                load_client_state(optimizer, model, sparse(pid), names, len(own_batches), sparse_round)
             if isinstance(optimizer, GlobalFlatSAM):  # FedGF: the server's w̃ and κ
                 optimizer.load_global(None if point is None else [point[n] for n in names],
                                       wire.strategy_value(config, "gf-kappa"))
@@ -245,7 +243,7 @@ def train_partitions(content: RecordDict, partition_ids: list[int], data_dir: st
             elif perturbation is not None:
                 raise ValueError(f"the message carries FedLESAM's perturbation but optimizer {spec!r} takes none "
                                  "(use lesam)")
-            result = train_locally(model, optimizer, client_batches, epochs, num_examples=len(parts[pid]),
+            result = train_locally(model, optimizer, own_batches, epochs, num_examples=len(parts[pid]),
                                    correction=corrections[pid], **knobs)
             out[pid] = {"arrays": ArrayRecord(model.state_dict()), "metrics": metric_record(result)}
             if isinstance(optimizer, DualSAM):

@@ -43,8 +43,9 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 
 from fedsam.data.batches import DeviceBatches, crop_and_flip, to_device
 from fedsam.graphs import GraphedStep
-from fedsam.optim import BUILTIN, asam_scaled, ssam
-from fedsam.optim.base import XI
+from fedsam.models import has_batch_norm
+from fedsam.optim import ASAM_SCOPE, BUILTIN, asam_scaled, ssam
+from fedsam.optim.base import XI, check_rho
 from fedsam.optim.fgsm import l2_equivalent_rho
 from fedsam.optim.ssam import SparseState
 from fedsam.train import LocalResult
@@ -99,10 +100,8 @@ class ClientRule:
         if rule.perturbation in SPARSE:  # SparseSAM checks its own options: one home for their limits
             probe = {**values, "seed": 0} if "seed" in values else values  # no draw from the global RNG
             factory([torch.zeros(1, requires_grad=True)], **probe)
-        if rule.perturbation == "dual" and not rule.rho >= 0:  # as DualSAM: ρ = 0 is its plain-step test hook
-            raise ValueError(f"rho must be >= 0, got {rule.rho}")
-        if rule.perturbation not in ("none", "dual") and rule.rho is not None and not rule.rho > 0:
-            raise ValueError(f"rho must be > 0, got {rule.rho}")
+        if rule.perturbation != "none" and rule.rho is not None:
+            check_rho(rule.rho)  # as the optimizers: ρ = 0 is the base step with the rule's passes
         if rule.steps < 1:
             raise ValueError(f"steps must be >= 1, got {rule.steps}")
         return rule
@@ -114,7 +113,7 @@ def batchable(spec: str, model: nn.Module) -> str | None:
         return f"optimizer {spec!r} is a plug-in with its own step"
     if spec not in PERTURBATION:
         return f"built-in optimizer {spec!r} has no batched rule"
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if has_batch_norm(model):
         return "BatchNorm's batch statistics would mix padded samples into real ones"
     return None
 
@@ -278,7 +277,7 @@ def train_cohort(
     data = CohortBatches(clients)
     device = data.device
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    scope = options.get("asam_scope") or "matrices"  # as SAM(model.parameters(), adaptive=True) scales
+    scope = options.get("asam_scope") or ASAM_SCOPE  # as SAM(model.named_parameters(), adaptive=True) scales
     weights_nd = {n: asam_scaled(n, p, scope) for n, p in model.named_parameters()}  # ASAM's scaled tensors
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
     buffers = dict(model.named_buffers())

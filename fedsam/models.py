@@ -69,3 +69,9 @@ def build_model(name: str, num_classes: int, norm: str = "group") -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r} (known: {', '.join(MODELS)})")
     return MODELS[name](num_classes, norm=norm)
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether batch statistics shape the model's training output: it cannot train on a batch of one
+    sample, and clients batched together would mix into each other's statistics."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord
 
-from fedsam.data import PartitionSpec, cached_partition, load
-from fedsam.models import build_model
+from fedsam.data import DeviceBatches, PartitionSpec, cached_partition, load
+from fedsam.models import build_model, has_batch_norm
 from fedsam.optim import BUILTIN, asam_param_groups, build, restart
-from fedsam.runtime import keep_freed_memory
+from fedsam.runtime import keep_freed_memory, memory_format
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,16 @@ _optimizers: dict[tuple, tuple[torch.nn.Module, torch.optim.Optimizer]] = {}
 OPTIMIZER_CACHE = 8
 
 
+def optimizer_params(model: torch.nn.Module, spec: str, options: dict) -> Any:
+    """What a client's optimizer is built over: ASAM's groups by the run's scope (they need the
+    parameters' names), the bare parameters for everything else (a plug-in's contract)."""
+    return asam_param_groups(model, options["asam_scope"]) if spec == "asam" else model.parameters()
+
+
 def local_optimizer(model: torch.nn.Module, spec: str, options: dict) -> torch.optim.Optimizer:
     """A fresh-acting optimizer for this round. The built-ins are kept per worker process and
     ``restart``-ed (momentum zeroed in place, the round's lr set); custom specs are built anew."""
-    params = asam_param_groups(model, options["asam_scope"]) if spec == "asam" else model.parameters()
+    params = optimizer_params(model, spec, options)
     if spec not in BUILTIN:
         return build(spec, params, **options)
     fixed = tuple(sorted((k, v) for k, v in options.items() if k not in ("lr", "partition_id", "server_round")))
@@ -76,6 +83,16 @@ def local_optimizer(model: torch.nn.Module, spec: str, options: dict) -> torch.o
         _optimizers.pop(next(iter(_optimizers)))
     _optimizers[key] = (model, optimizer)
     return optimizer
+
+
+def client_batches(data: DeviceData, indices: torch.Tensor, batch_size: int, seed: int, model: torch.nn.Module,
+                   device: torch.device) -> DeviceBatches:
+    """One client's shuffled, augmented training minibatches, as every client trains on them: a
+    lone last sample is its own minibatch (the spec's ``⌈n/b⌉`` steps) unless the model has
+    BatchNorm, which cannot train on one."""
+    return DeviceBatches(data.images[indices], data.labels[indices], batch_size, mean=data.mean, std=data.std,
+                         augment=True, shuffle=True, seed=seed, memory_format=memory_format(device),
+                         fold_lone_last=has_batch_norm(model))
 
 
 def partition_spec(config: ConfigRecord) -> PartitionSpec:

@@ -132,7 +132,7 @@ def timed_training(model: torch.nn.Module, spec: str, batches_for, epochs: int, 
     start_state = {k: v.clone() for k, v in model.state_dict().items()}
     for i in range(repeats + 1):
         model.load_state_dict(start_state)
-        optimizer = build(spec, model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, **OPTIMIZERS[spec])
+        optimizer = build(spec, model.named_parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, **OPTIMIZERS[spec])
         batches = batches_for(i)
         _sync(device)
         if i == 1:
@@ -219,7 +219,7 @@ def plain_loop(cfg, data, rounds: int, per_image: bool = False) -> list[float]:
     client trains on its partition with the same seeds, then an example-weighted average. With
     ``per_image``, the peer's design instead: batches from a ``DataLoader`` augmenting image by
     image on the host (``PerImage``), one client after another in one process."""
-    from fedsam.worker import client_indices, device_data, local_optimizer
+    from fedsam.worker import client_batches, client_indices, device_data, local_optimizer
     from fedsam import wire
     from fedsam.runtime import eval_batch_size, round_seed
     from fedsam.train import evaluate
@@ -249,8 +249,7 @@ def plain_loop(cfg, data, rounds: int, per_image: bool = False) -> list[float]:
             if per_image:
                 batches = PerImage.loader(dd.images[idx], dd.labels[idx], cfg.batch_size, seed, device)
             else:
-                batches = DeviceBatches(dd.images[idx], dd.labels[idx], cfg.batch_size, mean=dd.mean, std=dd.std,
-                                        augment=True, shuffle=True, seed=seed)
+                batches = client_batches(dd, idx, cfg.batch_size, seed, worker, device)
             train_locally(worker, optimizer, batches, cfg.local_epochs)
             states.append({k: v.detach().clone() for k, v in worker.state_dict().items()})
             weights.append(len(idx))

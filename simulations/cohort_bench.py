@@ -114,7 +114,7 @@ def round_both_ways(model_name: str, num: int, size: int, epochs: int, batch: in
         clients = synthetic_clients(data, num, batch)
         for i, (batches, kept) in enumerate(zip(clients, fresh_sparse(clients) if sparse else [None] * num)):
             worker.load_state_dict(start_state)
-            optimizer = build(spec, worker.parameters(), **options)
+            optimizer = build(spec, worker.named_parameters(), **options)
             if kept is not None:
                 load_client_state(optimizer, worker, kept, names, len(batches), 0)
             train_locally(worker, optimizer, batches, epochs, cuda_graph=graph, **mix)

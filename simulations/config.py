@@ -19,7 +19,7 @@ from typing import Any
 
 from fedsam.data import DATASETS, SCHEMES, PartitionSpec
 from fedsam.models import MODELS
-from fedsam.optim import ASAM_SCOPES, FEDERATED_RHO, FEDGF_RHO
+from fedsam.optim import ASAM_SCOPE, ASAM_SCOPES, FEDERATED_RHO, FEDGF_RHO, check_rho
 from simulations.presets import PRESETS
 from strategies.fedadam import ADAM_BETA1, ADAM_BETA2, ADAM_TAU, FEDADAM_SERVER_LR
 from strategies.feddyn import DYN_LAMBDA
@@ -28,6 +28,7 @@ from strategies.fedgloss import GLOSS_BETA, GLOSS_RHO, GLOSS_RHO0
 from strategies.fedlesam import LESAM_CORRECTION, LESAM_RHO
 from strategies.fedprox import PROX_MU
 from strategies.scaffold import FEDGAMMA_RHO
+from strategies.swa import SWA_COLLECT
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -125,6 +126,9 @@ class ExperimentConfig:
     swa_cycle: int = _f(1, "SWA's cycle c: collect a model every c rounds; c > 1 also cycles the clients' lr "
                         "towards --swa-lr")
     swa_lr: float = _f(1e-4, "SWA's lowest client lr η_2 (used when --swa-cycle > 1)")
+    swa_collect: str = _f(SWA_COLLECT[0], "which models SWA averages: those after rounds start+c, start+2c, ... as the "
+                          "reference code (reference), or those of each cycle's last, lowest-lr round, as Izmailov "
+                          "et al.'s SWA (end-of-cycle)", SWA_COLLECT)
     gf_threshold: float = _f(0.0, "FedGF's divergence threshold τ_D (0 = measured: the median divergence of the "
                              "first --gf-calibration rounds, with κ = 0 meanwhile)", methods=("fedgf",))
     gf_calibration: int = _f(GF_CALIBRATION, "rounds FedGF measures to set τ_D when --gf-threshold is 0", methods=("fedgf",))
@@ -136,7 +140,7 @@ class ExperimentConfig:
     gloss_server_rho: float = _f(GLOSS_RHO, "FedGloSS's server radius ρ (0: no server perturbation); --rho is the "
                                  "clients' ρ_l", methods=("fedgloss",))
     gloss_warmup: int = _f(0, "FedGloSS's ρ warm-up T_s: both radii ramp from --gloss-rho0 over this many rounds "
-                           "(0 = none)", methods=("fedgloss",))
+                           "(0 = none; the paper's 2000 comes with --preset fedgloss-cifar10)", methods=("fedgloss",))
     gloss_rho0: float = _f(GLOSS_RHO0, "where FedGloSS's ρ warm-up starts", methods=("fedgloss",))
     gloss_dual: str = _f("reference", "FedGloSS's server dual step: Σ Δ_i/(β N |S|) as the reference code "
                          "(reference) or Σ Δ_i/(β N) as the paper (paper)", ("reference", "paper"),
@@ -156,9 +160,10 @@ class ExperimentConfig:
     optimizer: str | None = _f(None, "client optimizer: sgd, sam, asam, fgsm-sam, dual-sam or "
                                "package.module:factory (default: the strategy's: sam for the SAM methods, "
                                "dual-sam for fedsmoo, sgd otherwise)")
-    rho: float | None = _f(None, "perturbation radius (default: the optimizer's own)")
+    rho: float | None = _f(None, "perturbation radius, >= 0 (default: the optimizer's own; 0 perturbs by nothing: "
+                                 "the method's base rule, with the SAM passes)")
     eta: float | None = _f(None, "ASAM's η (default: the optimizer's own)")
-    asam_scope: str = _f("reference", "the tensors ASAM scales: every weight, normalization weights included, as "
+    asam_scope: str = _f(ASAM_SCOPE, "the tensors ASAM scales: every weight, normalization weights included, as "
                          "the reference code (reference), or weight matrices only (matrices)", ASAM_SCOPES)
     ssam_sparsity: float | None = _f(None, "Sparse SAM's sparsity s, the fraction of entries not perturbed "
                                      "(default: the optimizer's 0.2)")
@@ -232,7 +237,7 @@ def key(name: str) -> str:
 #: report compares across, against FedAvg with SGD.
 METHOD_FIELDS = ("strategy", "optimizer", "rho", "eta", "asam_scope", "fgsm_steps", "ascent_momentum",
                  "ssam_sparsity", "ssam_update_freq", "ssam_fisher_samples", "ssam_drop_rate", "server_lr",
-                 "swa_start", "swa_cycle", "swa_lr")
+                 "swa_start", "swa_cycle", "swa_lr", "swa_collect")
 
 
 def method_keys() -> set[str]:
@@ -422,7 +427,11 @@ def validate(cfg: ExperimentConfig) -> None:
     need(finite("adam_tau") > 0, f"adam-tau must be > 0, got {cfg.adam_tau}")
     need(finite("grad_clip") >= 0, f"grad-clip must be >= 0 (0 = off), got {cfg.grad_clip}")
     need(finite("ascent_momentum") >= 0, f"ascent-momentum must be >= 0, got {cfg.ascent_momentum}")
-    need(cfg.rho is None or finite("rho") > 0, f"rho must be > 0, got {cfg.rho}")
+    if finite("rho") is not None:
+        try:
+            check_rho(cfg.rho)  # the optimizers' own rule, checked before anything starts
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (0: the base method, with the SAM passes)") from None
     if cfg.optimizer is not None:
         check_methods(cfg.strategy, {"optimizer": cfg.optimizer}, "optimizer")
     need(cfg.eta is None or finite("eta") >= 0, f"eta must be >= 0, got {cfg.eta}")

@@ -26,6 +26,7 @@ from fedsam.models import build_model
 from fedsam.optim import FEDGF_RHO, OptimizerSpecError, build
 from fedsam.sharpness import evaluation_subset, model_sharpness
 from fedsam.train import Evaluation, evaluate
+from fedsam.worker import optimizer_params
 from simulations import checkpoint
 from simulations import config as configuration
 from simulations.config import ConfigError, ExperimentConfig
@@ -77,7 +78,8 @@ def check(cfg: ExperimentConfig, out: Path | None = None, data: ImageDataset | N
         message_config = wire.train_config(cfg)  # build the optimizer exactly as a client will
         message_config[wire.SERVER_ROUND] = 1
         probe = build_model(cfg.model, data.num_classes, cfg.norm)
-        build(cfg.optimizer, probe.parameters(), **wire.optimizer_options(message_config, 0))
+        options = wire.optimizer_options(message_config, 0)
+        build(cfg.optimizer, optimizer_params(probe, cfg.optimizer, options), **options)
     except OptimizerSpecError as exc:
         raise ConfigError(str(exc)) from None
     flower = logging.getLogger("flwr")  # Flower's strategies log their setup; this is only a check
@@ -138,7 +140,7 @@ def fl_simulator_steps(cfg: ExperimentConfig, partition: Partition) -> float:
 def build_strategy(cfg: ExperimentConfig, parameter_keys: list[str], workers: int | None = None,
                    partition: Partition | None = None):
     """The strategy ``cfg.strategy`` names, with the settings it takes (``config``'s ``methods``)."""
-    swa = SWA(cfg.swa_start, cfg.swa_cycle, cfg.swa_lr) if cfg.swa_start else None
+    swa = SWA(cfg.swa_start, cfg.swa_cycle, cfg.swa_lr, cfg.swa_collect) if cfg.swa_start else None
     common = dict(seed=cfg.seed, sampling=cfg.client_sampling, lr_decay=cfg.lr_decay, workers=workers, swa=swa)
     clients = (cfg.num_clients, cfg.clients_per_round)
     fixed_steps = None

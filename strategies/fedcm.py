@@ -45,7 +45,9 @@ class FedCM(FedAvg):
         takes ``d = α·g`` against ``m_0 = 0``, as FL-Simulator does.
     fixed_steps : float | None (default: None)
         The normaliser ``K``: ``None`` is each client's own step count ``K_i``; a number is
-        FL-Simulator's constant ``K̂ = E·n_0/b``.
+        FL-Simulator's constant ``K̂ = E·n_0/b``. The mean over clients stays ``n_i``-weighted, as
+        the model's is; FL-Simulator's is unweighted, the same number when the clients' sizes are
+        equal, as in its setting (``dirichlet-equal``).
     """
 
     def __init__(self, num_clients: int, clients_per_round: int, *, seed: int = 0, sampling: str = "uniform",

@@ -26,7 +26,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsam import wire
-from fedsam.optim import FEDERATED_RHO
+from fedsam.optim import FEDERATED_RHO, check_rho
 from fedsam.optim.base import XI
 
 from . import vectors
@@ -46,8 +46,8 @@ class FedDyn(FedAvg):
     num_clients, clients_per_round, seed, sampling, lr_decay, query_timeout, workers, relaxed_init, swa
         As in ``FedAvg``. There is no server lr: the server step is fixed by the method.
     lam : float (default: 0.1)
-        The regulariser's weight ``λ`` (the paper's ``α``); ``>= 0``, and ``0`` is FedAvg with
-        unweighted means.
+        The regulariser's weight ``λ`` (the paper's ``α``); ``>= 0``. ``0`` removes the clients'
+        pull, but not the server's ``mean_N(h_j)`` term, so it is not FedAvg.
     parameter_keys : list[str] | None (default: None)
         The trainable parameters (``h`` covers only these); ``None``: every floating-point array.
     """
@@ -94,9 +94,9 @@ class FedDyn(FedAvg):
         like = vectors.floats(self.current_arrays, self.parameter_keys)
         mean_drift = self.mean_drift if self.mean_drift is not None else vectors.zeros_like(like)
         for u in updates:
-            own = {k: u.delta[k] for k in like}
-            self.drift.set(u.partition_id, vectors.add(self.drift.get(u.partition_id, like), own), self.current_arrays)
-            mean_drift = vectors.add(mean_drift, own, 1.0 / self.sampler.num_clients)
+            before = self.drift.get(u.partition_id, like)
+            stored = self.drift.set(u.partition_id, vectors.add(before, {k: u.delta[k] for k in like}), self.current_arrays)
+            mean_drift = vectors.add(mean_drift, vectors.sub(stored, before), 1.0 / self.sampler.num_clients)  # h̄ = mean_N(h_j)
         self.mean_drift = mean_drift
         global_start = vectors.floats(self.current_arrays)
         finals = [vectors.add(self.starts.get(u.partition_id, global_start), u.delta) for u in updates]
@@ -155,8 +155,7 @@ class FedSMOO(FedDyn):
                  lam: float = DYN_LAMBDA, parameter_keys: list[str] | None = None, rho: float = FEDERATED_RHO) -> None:
         super().__init__(num_clients, clients_per_round, seed=seed, sampling=sampling, lr_decay=lr_decay,
                          query_timeout=query_timeout, workers=workers, relaxed_init=relaxed_init, swa=swa, lam=lam, parameter_keys=parameter_keys)
-        if not (rho >= 0 and np.isfinite(rho)):
-            raise ValueError(f"rho must be >= 0, got {rho}")
+        check_rho(rho)
         self.rho = rho
         self.round_rho = rho
         self.duals = vectors.ClientStates()  # u_i

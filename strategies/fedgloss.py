@@ -158,11 +158,11 @@ class FedGloSS(FedAvg):
         if math.isfinite(self.beta):
             sigma = self.dual_mean if self.dual_mean is not None else vectors.zeros_like(params)
             sampled = len(self.sent_partitions())  # |S_t|: the sampled clients, failed ones included
-            scale = self.beta * self.sampler.num_clients * (sampled if self.dual == "reference" else 1)
+            share = 1.0 / (self.sampler.num_clients * (sampled if self.dual == "reference" else 1))
             for u, delta in zip(updates, deltas):
                 own = self.client_duals.get(u.partition_id, params)
-                self.client_duals.set(u.partition_id, vectors.add(own, delta, -1.0 / self.beta), self.current_arrays)
-                sigma = vectors.add(sigma, delta, -1.0 / scale)
+                stored = self.client_duals.set(u.partition_id, vectors.add(own, delta, -1.0 / self.beta), self.current_arrays)
+                sigma = vectors.add(sigma, vectors.sub(stored, own), share)  # −Δ_i/(β·N·|S_t|), as σ_i stored it
             self.dual_mean = sigma
         pseudo = vectors.scaled(vectors.weighted_mean(deltas, [u.num_examples for u in updates]), -1.0)
         self.pseudo_gradient = pseudo

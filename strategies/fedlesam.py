@@ -27,6 +27,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsam import wire
+from fedsam.optim import check_rho
 
 from . import vectors
 from .fedavg import ClientUpdate, FedAvg
@@ -46,8 +47,7 @@ class GlobalPerturbation:
     current_arrays: ArrayRecord | None
 
     def _init_perturbation(self, rho: float, source: str) -> None:
-        if not (rho >= 0 and math.isfinite(rho)):
-            raise ValueError(f"rho must be >= 0, got {rho}")
+        check_rho(rho)
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
         self.rho, self.source = rho, source
@@ -97,8 +97,8 @@ class GlobalPerturbation:
         if arrays is not None:
             assert self.current_arrays is not None
             now = self._global_params()
-            for u in updates:  # w_i^old ← w_t, for the clients that took part
-                self.received.set(u.partition_id, now, self.current_arrays)
+            for pid in self.sent_partitions():  # w_i^old ← w_t for every client sent w_t, failed ones too:
+                self.received.set(pid, now, self.current_arrays)  # each did receive it (section 9)
             self.previous_global = now
         return arrays, metrics
 

@@ -12,8 +12,13 @@ family specification (section 14) counts from 0, so its ``t`` is ``round − 1``
                      w_SWA ← w_SWA + (w_{r+1} − w_SWA)/(n + 1);  n ← n + 1
 
 so after ``k`` collections ``w_SWA`` is the mean of the ``k`` collected models (the first one
-replaces the copy taken at ``start``). ``η_1`` is the run's own lr for the round (decay included).
-A ``start`` after the last round never begins: the run is the run without SWA.
+replaces the copy taken at ``start``). That is the reference code's rule: with ``start − 1`` (the
+spec's ``t_s``) a multiple of ``c``, as in every published run, it collects the model of each
+cycle's *first*, highest-lr round. ``collect="end-of-cycle"`` collects after the rounds
+``r ≥ start`` with ``(r − 1) mod c = c − 1`` instead (with ``c = 1``: every round from ``start``
+on): each cycle's last, lowest-lr round (``τ = 1``), the models Izmailov et al.'s SWA averages.
+``η_1`` is the run's own lr for the round (decay included). A ``start`` after the last round never
+begins: the run is the run without SWA.
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+
+#: Which rounds' models SWA averages (see the module's docstring): the reference code's, or each
+#: cycle's lowest-lr one.
+SWA_COLLECT = ("reference", "end-of-cycle")  # the first is the default
 
 
 class SWA:
@@ -39,16 +48,20 @@ class SWA:
         towards ``lr``.
     lr : float (default: 1e-4)
         ``η_2``, the lowest lr of a cycle (unused when ``c = 1``).
+    collect : str (default: "reference")
+        Which rounds' models are averaged, one of ``SWA_COLLECT``.
     """
 
-    def __init__(self, start: int, cycle: int = 1, lr: float = 1e-4) -> None:
+    def __init__(self, start: int, cycle: int = 1, lr: float = 1e-4, collect: str = SWA_COLLECT[0]) -> None:
         if start < 1:
             raise ValueError(f"swa start must be a round >= 1, got {start}")
         if cycle < 1:
             raise ValueError(f"swa cycle must be >= 1, got {cycle}")
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"swa lr must be > 0, got {lr}")
-        self.start, self.cycle, self.lr = start, cycle, lr
+        if collect not in SWA_COLLECT:
+            raise ValueError(f"swa collect must be one of {SWA_COLLECT}, got {collect!r}")
+        self.start, self.cycle, self.lr, self.collect = start, cycle, lr, collect
         self.model: dict[str, np.ndarray] | None = None  # w_SWA, float64
         self.dtypes: dict[str, np.dtype] = {}
         self.collected = 0  # n
@@ -67,9 +80,15 @@ class SWA:
             self.dtypes = {k: a.numpy().dtype for k, a in arrays.items()}
             self.collected = 0
 
+    def collects_after(self, server_round: int) -> bool:
+        """Whether the global model this round produces joins the average."""
+        if self.collect == "end-of-cycle":
+            return server_round >= self.start and (server_round - 1) % self.cycle == self.cycle - 1
+        return server_round > self.start and (server_round - self.start) % self.cycle == 0
+
     def end_round(self, server_round: int, arrays: ArrayRecord) -> None:
         """After a collecting round: fold the new global model into the mean."""
-        if self.model is None or server_round <= self.start or (server_round - self.start) % self.cycle:
+        if self.model is None or not self.collects_after(server_round):
             return
         n = self.collected
         for k, a in arrays.items():

@@ -87,9 +87,14 @@ class ClientStates:
     def has(self, partition_id: int) -> bool:
         return partition_id in self.entries
 
-    def set(self, partition_id: int, vector: Vector, like: ArrayRecord) -> None:
-        """Store in the model's dtypes (``like``), as new arrays (``state`` relies on it)."""
-        self.entries[partition_id] = {k: v.astype(like[k].numpy().dtype, copy=True) for k, v in vector.items()}
+    def set(self, partition_id: int, vector: Vector, like: ArrayRecord) -> Vector:
+        """Store in the model's dtypes (``like``), as new arrays (``state`` relies on it), and return
+        what was stored, in float64: a running mean over the table (SCAFFOLD's ``c``, FedDyn's
+        ``h̄``) must add the stored change, not the unrounded one, or it drifts away from the mean of
+        the stored vectors by a rounding error every round."""
+        stored = {k: v.astype(like[k].numpy().dtype, copy=True) for k, v in vector.items()}
+        self.entries[partition_id] = stored
+        return {k: v.astype(np.float64) for k, v in stored.items()}
 
     def state(self) -> dict[str, Any]:
         """For the checkpoint: tensors keyed by partition id (as a string) and array name. The run

@@ -147,28 +147,3 @@ def fedadam_server(w_t: Tensor, deltas: list[Tensor], n: list[float], m: Tensor,
     m = beta1 * m + (1 - beta1) * d
     v = beta2 * v + (1 - beta2) * d * d
     return w_t + server_lr * m / (v.sqrt() + tau), m, v
-
-
-# --------------------------------------------------------------------------- self-check
-
-def _self_check() -> None:
-    """Test hooks of the spec on a small logistic loss (run: python -m tests.reference_family)."""
-    torch.manual_seed(0)
-    x, y = torch.randn(3, 8, 5, dtype=torch.float64), torch.randint(0, 2, (3, 8)).double()
-    losses = [lambda w, x=x[k], y=y[k]: torch.nn.functional.binary_cross_entropy_with_logits(x @ w, y)
-              for k in range(3)]
-    w0, kw = torch.randn(5, dtype=torch.float64), dict(lr=0.1, wd=1e-3, C=10.0)
-    ref = client_round("feddyn", losses, w0, lam=0.1, **kw)["w"]
-    assert torch.equal(client_round("fedspeed", losses, w0, lam=0.1, **kw)["w"], ref)
-    assert torch.equal(client_round("fedsmoo", losses, w0, lam=0.1, **kw)["w"], ref)
-    fedavg = client_round("fedavg", losses, w0, **kw)["w"]
-    assert torch.equal(client_round("scaffold", losses, w0, **kw)["w"], fedavg)
-    assert torch.equal(client_round("fedcm", losses, w0, alpha=1.0, m=torch.ones(5).double(), **kw)["w"], fedavg)
-    deltas = [torch.randn(5, dtype=torch.float64) for _ in range(2)]
-    w1, _ = feddyn_server(w0, deltas, {}, [3, 7], N=10)
-    assert torch.allclose(w1, w0 + (1 + 2 / 10) * unweighted_mean(deltas), atol=1e-14)
-
-
-if __name__ == "__main__":
-    _self_check()
-    print("ok")

@@ -17,8 +17,9 @@ from tests.inprocess import ensure_task_identity
 
 
 def _config(cifar10_dir, **overrides) -> ConfigRecord:
-    cfg = ExperimentConfig(data_dir=str(cifar10_dir), num_clients=4, partition="dirichlet", dirichlet_alpha=0.5,
-                           batch_size=32, local_epochs=2, device="cpu", **overrides).resolved()
+    settings = dict(data_dir=str(cifar10_dir), num_clients=4, partition="dirichlet", dirichlet_alpha=0.5,
+                    batch_size=32, local_epochs=2, device="cpu")
+    cfg = ExperimentConfig(**{**settings, **overrides}).resolved()
     record = train_config(cfg)
     record["server-round"] = 3
     return record
@@ -48,11 +49,24 @@ def test_train_handler_trains_its_own_partition(cifar10_dir):
     part = make_partition(data.train_labels.numpy(), PartitionSpec("dirichlet", 4, 0, 0.5, 2), 10)
     n = len(part.clients[1])
     assert metrics["num-examples"] == n
-    assert metrics["num-steps"] == 2 * -(-n // 32) - (2 if n % 32 == 1 and n > 32 else 0)
+    assert metrics["num-steps"] == 2 * -(-n // 32)  # K_i = E·⌈n_i/b⌉, the last batch kept
     assert np.isfinite(metrics["train-loss"]) and 0 <= metrics["train-accuracy"] <= 1
     new = reply.content["arrays"].to_torch_state_dict()
     assert set(new) == set(model.state_dict())
     assert any(not torch.equal(new[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("norm,lone_batch_kept", [("group", True), ("batch", False)])
+def test_a_lone_last_sample_is_its_own_step_unless_batchnorm_cannot_train_on_it(cifar10_dir, norm, lone_batch_kept):
+    """A batch size one less than the client's data leaves one sample over: a GroupNorm ResNet
+    steps on it (⌈n/b⌉ steps, as the spec counts), a BatchNorm one folds it into the batch before."""
+    data = load("cifar10", cifar10_dir)
+    n = len(make_partition(data.train_labels.numpy(), PartitionSpec("dirichlet", 4, 0, 0.5, 2), 10).clients[1])
+    config = _config(cifar10_dir, strategy="fedavg", model="resnet18", norm=norm, batch_size=n - 1, local_epochs=1)
+    torch.manual_seed(0)
+    reply = app(_message(config, build_model("resnet18", 10, norm)), _context(1))
+    assert not reply.has_error(), reply.error
+    assert reply.content["metrics"]["num-steps"] == (2 if lone_batch_kept else 1)
 
 
 def test_same_message_same_result_and_round_seeds_differ(cifar10_dir):

@@ -16,7 +16,7 @@ from fedsam.optim.ssam import SparseState, load_client_state
 from fedsam.train import train_locally
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
-SIZES = (23, 40, 9)  # unequal: 3, 5 and 1 steps at batch 8 (a short last batch; a 9th sample folded in)
+SIZES = (23, 40, 9)  # unequal: 3, 5 and 2 steps at batch 8 (short last batches, the third's of one sample)
 
 
 class Small(nn.Module):
@@ -57,7 +57,7 @@ def _one_by_one(model, spec, options, epochs, corrections=None, **kwargs):
     out = []
     for i, n in enumerate(SIZES):
         local = copy.deepcopy(model)
-        optimizer = build(spec, local.parameters(), **options)
+        optimizer = build(spec, local.named_parameters(), **options)  # named: ASAM scales as the reference
         correction = corrections[i] if corrections is not None else None
         result = train_locally(local, optimizer, _batches(i, n), epochs, num_examples=n, correction=correction,
                                **kwargs)

@@ -82,7 +82,7 @@ def test_unreadable_config_files(tmp_path):
     ({"lr_decay": 1.5}, "lr-decay must be in (0, 1]"),
     ({"momentum": 1.0}, "momentum must be in [0, 1)"),
     ({"momentum_alpha": 0.0}, "momentum-alpha must be in (0, 1]"),
-    ({"rho": 0.0}, "rho must be > 0"),
+    ({"rho": -0.1}, "rho must be >= 0"),
     ({"strategy": "fednova"}, "unknown strategy 'fednova'"),
     ({"model": "vit"}, "unknown model 'vit'"),
     ({"dataset": "mnist"}, "unknown dataset 'mnist'"),

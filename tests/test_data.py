@@ -127,11 +127,14 @@ def test_shuffling_is_seeded_and_changes_every_epoch():
     assert first[0] != first[1] != first[2]
 
 
-def test_a_last_batch_of_one_sample_is_folded_into_the_one_before():
+def test_an_epoch_is_ceil_n_over_b_steps_and_only_batchnorm_models_fold_a_lone_last_sample():
+    """K_i = E·⌈n_i/b⌉, last batch kept (algorithms-family.md, 0.1); BatchNorm cannot train on one
+    sample, so for it the lone last sample joins the batch before."""
     images, labels = _tensors(n=21)
-    batches = DeviceBatches(images, labels, 10, mean=MEAN, std=STD)
-    assert [len(y) for _, y in batches] == [10, 11]
-    assert len(DeviceBatches(images[:1], labels[:1], 10, mean=MEAN, std=STD)) == 1
+    assert [len(y) for _, y in DeviceBatches(images, labels, 10, mean=MEAN, std=STD)] == [10, 10, 1]
+    folded = DeviceBatches(images, labels, 10, mean=MEAN, std=STD, fold_lone_last=True)
+    assert [len(y) for _, y in folded] == [10, 11]
+    assert len(DeviceBatches(images[:1], labels[:1], 10, mean=MEAN, std=STD, fold_lone_last=True)) == 1
 
 
 def test_without_augmentation_batches_are_the_normalized_images_in_order():

@@ -1,17 +1,22 @@
 """The drift-correcting strategies' server rules against ``tests/reference_family.py``, through a
-fake grid of scripted clients (no training, no Ray), in float64 over several rounds.
+fake grid of scripted clients (no training, no Ray), in float64 over several rounds; and their
+running means against their float32 client tables over a few hundred rounds.
 
 Spec hooks checked here (algorithms-family.md):
 
 - SCAFFOLD (3): ``c = mean_N(c_j)`` after every round; a client not sampled keeps its ``c_i``;
   what each client receives is ``c − c_i`` (nothing in round 1, when both are zero);
-- FedCM (2): ``m_{t+1} · K · η_t = −Δ̄`` after any round; the reference's round 1 (α against ``m_0 = 0``);
+- FedCM (2): ``m_{t+1} = Σ n_i (−Δ_i)/(K_i η_t) / Σ n_i`` after any round (so ``m · K̂ · η_t = −Δ̄``
+  with a constant ``K̂``); the reference's round 1 (α against ``m_0 = 0``);
 - FedDyn (4): the first server step ``w_1 = w_0 + (1 + |S_0|/N) · mean_S(Δ_i)``;
   ``mean_N(h_j) = (1/N) Σ_τ Σ_{i∈S_τ} Δ_i``; clients receive ``λ·h_i``;
 - FedSMOO (8): ``s = ρ·ū/‖ū‖`` so ``‖s‖ = ρ``; each client gets its own ``u_i`` back;
 - FedAdam (5): the first step ``w_1 − w_0 = η_g Δ̄ / (|Δ̄| + 10τ)``;
 - FedProx (1): the message carries the pull in the form ``prox_clip`` asks for;
-- every strategy's state survives ``checkpoint_state`` / ``restore_state`` exactly.
+- every strategy's state survives ``checkpoint_state`` / ``restore_state`` exactly;
+- float32 models, 250 rounds, client states that nearly cancel: SCAFFOLD's ``c = mean_N(c_j)``
+  (3: within 1e-6·‖c‖; checked to 1e-12), FedDyn's ``h̄ = mean_N(h_j)`` (4) and FedGloSS's
+  ``σ = mean_N(σ_j)`` with ``dual = "paper"`` (11).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.clientapp import ClientApp
 
 from fedsam import wire
-from strategies import FedAdam, FedAvg, FedCM, FedDyn, FedGF, FedLESAM, FedProx, FedSMOO, Scaffold
+from strategies import FedAdam, FedAvg, FedCM, FedDyn, FedGF, FedGloSS, FedLESAM, FedProx, FedSMOO, Scaffold, vectors
 from strategies.swa import SWA
 from tests import reference_family as ref
 from tests.inprocess import InProcessGrid
@@ -133,8 +138,9 @@ def test_scaffold_server_and_control_variates_match_the_reference(fixed_steps):
         close(flat(strategy.control), c)
         for pid, vector in table.items():
             close(flat(strategy.client_controls.get(pid, strategy.control)), vector)
-        mean_n = sum(table.values()) / N
-        assert torch.linalg.norm(c - mean_n) <= 1e-12 * torch.linalg.norm(c)  # c = mean_N(c_j)
+        control = flat(strategy.control)  # c = mean_N(c_j), on the strategy's own state
+        mean_n = sum(flat(strategy.client_controls.get(p, strategy.control)) for p in range(N)) / N
+        assert torch.linalg.norm(control - mean_n) <= 1e-12 * torch.linalg.norm(control)
         for pid, kept in stored.items():  # a client not sampled this round kept its c_i exactly
             if pid not in sampled:
                 assert all(np.array_equal(strategy.client_controls.entries[pid][k], kept[k]) for k in SHAPES)
@@ -152,8 +158,103 @@ def test_a_failed_scaffold_client_keeps_its_control_variate_and_c_stays_the_mean
         close(flat(strategy.control), mean_n)
 
 
+class NearlyCancelling:
+    """Float32 clients near a stationary point: client ``i`` steers its server-side state
+    (SCAFFOLD's ``c_i``, FedDyn's ``h_i``, FedGloSS's ``σ_i``) to ``g_i`` plus a little noise, read
+    back from what it receives, where the ``g_i`` of all ``N`` clients nearly cancel. Each state is
+    then hundreds of times the mean the server keeps of them, so a rounding error of the float32
+    table that the mean does not follow shows up within a few hundred rounds."""
+
+    def __init__(self, method: str, num_clients: int, lam: float = 0.1, beta: float = 1.0, seed: int = 0) -> None:
+        self.method, self.lam, self.beta = method, lam, beta
+        self.rng = np.random.default_rng(seed)
+        g = 100.0 * self.rng.normal(size=(num_clients, 8))
+        self.g = g - g.mean(axis=0) + 0.1 * self.rng.normal(size=8)  # ‖mean_N(g_j)‖ ≈ 1e-3 · ‖g_i‖
+        self.k = {pid: int(self.rng.integers(2, 9)) for pid in range(num_clients)}
+        self.received: dict[int, RecordDict] = {}
+        self.app = ClientApp()
+        self.app.train()(self.train)
+        self.app.query("partition_id")(self.query)
+
+    query = Scripted.query
+
+    def train(self, msg, context):
+        pid = context.node_config["partition-id"]
+        content = self.received[pid] = msg.content
+        w = flat({k: wire.client_record(content, "arrays", pid)[k].numpy() for k in SHAPES})
+        got = record_vector(content, wire.CORRECTION, pid)
+        got = torch.zeros(8, dtype=torch.float64) if got is None else got
+        target = torch.as_tensor(self.g[pid] + 0.1 * self.rng.normal(size=8))
+        if self.method == "scaffold":  # got = c − c_i; c_i⁺ = c_i − c − Δ/(Kη) = target
+            delta = -self.k[pid] * float(content["config"]["lr"]) * (target + got)
+        elif self.method == "feddyn":  # got = λ·h_i; h_i⁺ = h_i + Δ = target
+            delta = target - got / self.lam
+        else:  # FedGloSS: got = −σ_i; σ_i⁺ = σ_i − Δ/β = target
+            delta = self.beta * (-got - target)
+        arrays = {k: v.astype(np.float32) for k, v in unflat(w + delta).items()}
+        return Message(RecordDict({
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": 10, "num-steps": self.k[pid], "train-loss": 1.0,
+                                     "train-accuracy": 0.5, "seconds": 0.1}),
+        }), reply_to=msg)
+
+
+def float32_start() -> dict[str, np.ndarray]:
+    return {k: v.astype(np.float32) for k, v in start().items()}
+
+
+LONG_RUN_ROUNDS = 250
+LONG_RUN_TOL = 1e-12  # measured ≤ 3e-14 adding the stored changes; adding the unrounded ones: 3e-5 to 4e-5
+
+
+def table_mean(table: vectors.ClientStates, N: int) -> torch.Tensor:
+    """``mean_N`` over the stored float32 entries (a client never sampled counts as zero)."""
+    assert all(entry[k].dtype == np.float32 for entry in table.entries.values() for k in SHAPES)
+    return sum((flat(entry) for entry in table.entries.values()), torch.zeros(8, dtype=torch.float64)) / N
+
+
+def long_run_gap(method: str, rounds: int = LONG_RUN_ROUNDS) -> tuple[float, float]:
+    """Play ``rounds`` rounds; the worst ``‖mean − mean_N(table)‖ / ‖mean‖`` after any round, and
+    the smallest ``‖state_i‖ / ‖mean‖`` at the end (how nearly the clients' states cancel)."""
+    N = 20
+    if method == "scaffold":
+        strategy = Scaffold(N, 5, seed=3)
+        state = lambda: (strategy.control, strategy.client_controls)  # noqa: E731
+    elif method == "feddyn":
+        strategy = FedDyn(N, 5, seed=3, lam=0.1)
+        state = lambda: (strategy.mean_drift, strategy.drift)  # noqa: E731
+    else:
+        strategy = FedGloSS(N, 5, seed=3, dual="paper", beta=1.0)
+        state = lambda: (strategy.dual_mean, strategy.client_duals)  # noqa: E731
+    clients = NearlyCancelling(method.split("-")[0], N, seed=4)
+    worst, seen = 0.0, set()
+    for _, sampled, _, _, _ in play(strategy, clients, float32_start(), rounds, lr=0.1):
+        seen.update(sampled)
+        mean, table = state()
+        kept = flat(mean)
+        worst = max(worst, float(torch.linalg.norm(kept - table_mean(table, N)) / torch.linalg.norm(kept)))
+    assert seen == set(range(N))  # every client took part
+    smallest = min(float(torch.linalg.norm(flat(entry))) for entry in table.entries.values())
+    return worst, smallest / float(torch.linalg.norm(kept))
+
+
+@pytest.mark.parametrize("method", ["scaffold", "feddyn", "fedgloss-paper"])
+def test_float32_running_means_stay_the_mean_of_the_stored_table_over_hundreds_of_rounds(method):
+    """SCAFFOLD's ``c = mean_N(c_j)`` (3: within 1e-6·‖c‖ after every round), FedDyn's
+    ``h̄ = mean_N(h_j)`` (4) and FedGloSS's paper-form ``σ = mean_N(σ_j)`` (11: σ_i and σ start at 0
+    and σ moves by ``(1/N) Σ_S Δσ_i``), on the strategy's own state, with a float32 model, N = 20,
+    5 clients a round, and client states far larger than their mean: the server's mean must
+    follow the table as stored (rounded to float32), or it drifts from it by a rounding error
+    every update (past 1e-6 relative within these rounds)."""
+    worst, spread = long_run_gap(method)
+    assert spread > 100  # the states do nearly cancel, which is what makes the drift visible
+    assert worst <= LONG_RUN_TOL, worst
+
+
 @pytest.mark.parametrize("fixed_steps", [None, 4.0])
-def test_fedcm_momentum_times_k_eta_is_minus_the_mean_update(fixed_steps):
+def test_fedcm_momentum_is_the_weighted_mean_of_minus_delta_over_k_eta(fixed_steps):
+    """``m_{t+1} = Σ n_i (−Δ_i) / (K_i η_t) / Σ n_i``: each client's update normalised by its own
+    ``K_i`` (``fixed_steps = None``) or by the constant ``K̂`` (then ``m · K̂ · η_t = −Δ̄``)."""
     N, lr, decay = 5, 0.05, 0.9
     clients = Scripted(N, seed=3)
     strategy = FedCM(N, 3, seed=1, alpha=0.2, lr_decay=decay, fixed_steps=fixed_steps)

@@ -78,6 +78,21 @@ def test_the_warm_up_ramps_both_radii_from_rho0():
     assert clients.received[0]["config"]["rho"] == pytest.approx(0.001)  # ρ_l(0) = ρ_0
 
 
+
+def test_a_warm_up_from_rho0_zero_starts_with_a_plain_step_that_the_clients_accept():
+    """ρ_0 = 0 is allowed (spec 11: ρ_0 ≥ 0): round 1 sends ρ_l = 0, which SAM takes as its base step."""
+    from torch import nn
+
+    from fedsam.optim import build
+
+    strategy = FedGloSS(2, 2, client_rho=0.2, warmup_rounds=4, rho0=0.0)
+    clients = Scripted(2, seed=25)
+    next(play(strategy, clients, start(), 1, config={"lr": 0.1, "optimizer": "sam"}))
+    sent = clients.received[0]["config"]["rho"]
+    assert sent == 0.0
+    assert build("sam", nn.Linear(2, 2).parameters(), lr=0.1, rho=sent).param_groups[0]["rho"] == 0.0
+
+
 @pytest.mark.parametrize("beta", [0.0, -1.0])
 def test_a_non_positive_beta_is_refused(beta):
     with pytest.raises(ValueError, match="beta"):

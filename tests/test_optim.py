@@ -69,7 +69,7 @@ SGD_KW = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 @pytest.mark.parametrize("adaptive,rho,eta", [(False, 0.05, 0.0), (True, 0.5, 0.01), (True, 0.7, 0.2)])
 def test_sam_and_asam_match_reference_step_for_step(dtype, tol, adaptive, rho, eta):
     prob = Problem(dtype)
-    opt = SAM(prob.model.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, eta=eta, **SGD_KW)
+    opt = SAM(prob.model.named_parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, eta=eta, **SGD_KW)
     w = prob.flat().double()
     base = ref.SGDRef(**SGD_KW)
     loss64 = prob.in_float64()
@@ -111,7 +111,7 @@ def test_asam_scales_weights_but_not_biases_in_closed_form():
     lin = nn.Linear(3, 1).double()
     w0, b0 = lin.weight.detach().reshape(-1).clone(), lin.bias.detach().clone()
     seen = []
-    opt = SAM(lin.parameters(), torch.optim.SGD, rho=0.5, adaptive=True, eta=0.2, lr=0.1)
+    opt = SAM(lin.named_parameters(), torch.optim.SGD, rho=0.5, adaptive=True, eta=0.2, lr=0.1)
 
     def closure():
         seen.append((lin.weight.detach().reshape(-1).clone(), lin.bias.detach().clone()))
@@ -177,7 +177,7 @@ def _run_split(opt, prob, fgsm_steps=0):
 ])
 def test_step_with_closure_equals_first_and_second_step(make, fgsm_steps):
     a, b = Problem(torch.float32), Problem(torch.float32)
-    opt_a, opt_b = make(a.model.parameters()), make(b.model.parameters())
+    opt_a, opt_b = make(a.model.named_parameters()), make(b.model.named_parameters())
     for _ in range(3):
         opt_a.step(a.closure(opt_a))
         _run_split(opt_b, b, fgsm_steps)
@@ -329,11 +329,10 @@ def test_without_the_guard_batchnorm_would_count_every_pass():
 
 
 @pytest.mark.parametrize("call,name", [
-    (lambda p: SAM(p, torch.optim.SGD, rho=0.0, lr=0.1), "rho"),
+    (lambda p: SAM(p, torch.optim.SGD, rho=float("inf"), lr=0.1), "rho"),
     (lambda p: SAM(p, torch.optim.SGD, rho=-1.0, lr=0.1), "rho"),
     (lambda p: SAM(p, torch.optim.SGD, rho=float("nan"), lr=0.1), "rho"),
     (lambda p: SAM(p, torch.optim.SGD, adaptive=True, eta=-0.1, lr=0.1), "eta"),
-    (lambda p: FGSMSAM(p, torch.optim.SGD, rho=0.0, lr=0.1), "rho"),
     (lambda p: FGSMSAM(p, torch.optim.SGD, rho=-0.1, lr=0.1), "rho"),
     (lambda p: FGSMSAM(p, torch.optim.SGD, steps=0, lr=0.1), "steps"),
     (lambda p: FGSMSAM(p, torch.optim.SGD, steps=1.5, lr=0.1), "steps"),
@@ -350,10 +349,13 @@ def test_step_without_closure_is_a_clear_error():
         opt.step()
 
 
-@pytest.mark.parametrize("scope", ["reference", "matrices"])
-def test_asam_param_groups_scale_what_the_scope_names_step_for_step(scope):
+@pytest.mark.parametrize("scope,given", [("reference", "groups"), ("matrices", "groups"),
+                                         ("reference", "named"), ("matrices", "bare")])
+def test_asam_param_groups_scale_what_the_scope_names_step_for_step(scope, given):
     """``reference``: every tensor named weight (normalization weights too, as the ASAM/FedASAM
-    code), biases not; ``matrices``: ndim > 1 only, the SAM class's own default."""
+    code), biases not, from ``asam_param_groups`` or from ``model.named_parameters()`` alone (the
+    default, algorithms.md); ``matrices``: ndim > 1 only, which bare parameters fall back to, with a
+    warning, since they carry no names."""
     from fedsam.optim import asam_param_groups
 
     prob = Problem(torch.float64)
@@ -364,10 +366,15 @@ def test_asam_param_groups_scale_what_the_scope_names_step_for_step(scope):
     dims = [p.ndim for p in prob.model.parameters() for _ in range(p.numel())]
     mask = torch.tensor([n.endswith("weight") if scope == "reference" else d > 1 for n, d in zip(names, dims)])
     assert scope == "matrices" or mask.sum() > sum(p.numel() for p in prob.model.parameters() if p.ndim > 1)
-    groups = asam_param_groups(prob.model, scope)
-    opt = SAM(groups, torch.optim.SGD, rho=0.5, adaptive=True, eta=0.01, **SGD_KW)
+    if given == "groups":
+        opt = SAM(asam_param_groups(prob.model, scope), torch.optim.SGD, rho=0.5, adaptive=True, eta=0.01, **SGD_KW)
+    elif given == "named":
+        opt = SAM(prob.model.named_parameters(), torch.optim.SGD, rho=0.5, adaptive=True, eta=0.01, **SGD_KW)
+    else:
+        with pytest.warns(UserWarning, match="without names"):
+            opt = SAM(prob.model.parameters(), torch.optim.SGD, rho=0.5, adaptive=True, eta=0.01, **SGD_KW)
     w, base = prob.flat(), ref.SGDRef(**SGD_KW)
-    order = [p for g in groups for p in g["params"]]
+    order = [p for g in opt.param_groups for p in g["params"]]
     for _ in range(4):
         opt.step(prob.closure(opt))
         g = ref.grad(prob.flat_loss, w)
@@ -375,3 +382,34 @@ def test_asam_param_groups_scale_what_the_scope_names_step_for_step(scope):
         w = base.step(w, ref.grad(prob.flat_loss, w + eps))
     assert len(order) == len(list(prob.model.parameters()))
     torch.testing.assert_close(prob.flat(), w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", ["sam", "asam", "fgsm-sam", "dual-sam", "ssam-d"])
+def test_a_zero_radius_is_the_base_step_bit_for_bit_with_the_rules_passes(spec):
+    """ρ = 0 perturbs by nothing, so the step is SGD's exactly (the spec's hooks FedGAMMA ≡
+    SCAFFOLD, FedSpeed ≡ FedDyn, MoFedSAM ≡ FedCM rest on it); the passes are still taken."""
+    from fedsam.optim import build
+
+    a, b = Problem(torch.float64), Problem(torch.float64)
+    options = dict(total_epochs=3, seed=0) if spec == "ssam-d" else {}
+    opt = build(spec, a.model.named_parameters() if spec == "asam" else a.model.parameters(), rho=0.0,
+                **SGD_KW, **options)
+    sgd = torch.optim.SGD(b.model.parameters(), **SGD_KW)
+    for _ in range(3):
+        opt.step(a.closure(opt))
+        sgd.step(b.closure(sgd))
+    assert torch.equal(a.flat(), b.flat())
+    assert a.calls == 2 * b.calls
+
+
+@pytest.mark.parametrize("rho", [-0.1, float("nan"), float("inf")])
+def test_a_negative_or_unbounded_radius_is_refused(rho):
+    with pytest.raises(ValueError, match="rho must be >= 0"):
+        SAM(Problem().model.parameters(), torch.optim.SGD, rho=rho, lr=0.1)
+
+
+def test_asam_takes_a_group_of_one_bare_tensor_as_torch_does():
+    lin = nn.Linear(3, 2).double()
+    with pytest.warns(UserWarning, match="without names"):  # the bias is 1-D: named or not, ASAM cannot tell
+        opt = SAM([{"params": lin.weight}, {"params": lin.bias}], torch.optim.SGD, adaptive=True, lr=0.1)
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 1]

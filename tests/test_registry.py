@@ -39,7 +39,7 @@ def _train(opt, model, steps=40):
 @pytest.mark.parametrize("spec,kind", [("sgd", torch.optim.SGD), ("sam", SAM), ("asam", SAM), ("fgsm-sam", FGSMSAM)])
 def test_builtin_names_build_and_train(spec, kind):
     model = nn.Linear(5, 2)
-    opt = build(spec, model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, rho=None, steps=2)
+    opt = build(spec, model.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, rho=None, steps=2)
     assert isinstance(opt, kind)
     losses = _train(opt, model)
     assert losses[-1] < losses[0]
@@ -50,7 +50,7 @@ def test_options_are_filtered_by_signature_and_none_means_default():
     assert sgd.param_groups[0]["lr"] == 0.1
     sam = build("sam", nn.Linear(2, 2).parameters(), lr=0.1, rho=None)
     assert sam.param_groups[0]["rho"] == 0.05
-    asam = build("asam", nn.Linear(2, 2).parameters(), lr=0.1, rho=0.7, eta=0.2)
+    asam = build("asam", nn.Linear(2, 2).named_parameters(), lr=0.1, rho=0.7, eta=0.2)
     assert asam.param_groups[0]["adaptive"] and asam.param_groups[0]["eta"] == 0.2
     adam = build("torch.optim:Adam", nn.Linear(2, 2).parameters(), lr=1e-3, momentum=0.9, weight_decay=0.0)
     assert isinstance(adam, torch.optim.Adam)
@@ -131,6 +131,6 @@ def test_bad_specs_name_the_spec_and_the_cause(spec, fragments):
 
 def test_a_bad_option_through_build_names_the_spec_and_the_argument():
     with pytest.raises(OptimizerSpecError, match=r"'asam'.*rho"):
-        build("asam", nn.Linear(2, 2).parameters(), lr=0.1, rho=-1.0)
+        build("asam", nn.Linear(2, 2).named_parameters(), lr=0.1, rho=-1.0)
     with pytest.raises(OptimizerSpecError, match=r"'fgsm-sam'.*steps"):
         build("fgsm-sam", nn.Linear(2, 2).parameters(), lr=0.1, steps=0)

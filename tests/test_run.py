@@ -118,7 +118,7 @@ def no_simulation(monkeypatch):
     (["--rounds", "-3"], "rounds must be >= 1"),
     (["--lr", "0"], "lr must be > 0"),
     (["--batch-size", "0"], "batch-size must be >= 1"),
-    (["--rho", "-1", "--optimizer", "sam"], "rho must be > 0"),
+    (["--rho", "-1", "--optimizer", "sam"], "rho must be >= 0"),
     (["--preset", "nope"], "invalid choice: 'nope'"),
 ])
 def test_bad_input_exits_2_with_one_line_before_ray(cifar10_dir, tmp_path, capsys, no_simulation, argv, fragment):

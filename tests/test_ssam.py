@@ -222,17 +222,43 @@ def test_dynamic_refresh_inside_the_step_old_mask_now_new_mask_next():
 
 
 def test_dynamic_weight_scores_read_w_not_w_plus_eps():
+    """The spec's "weight" score is |w|; the reference reads |w + ε|. Near-tied |w| on the perturbed
+    entries and a large ρ make the two rankings keep different entries, so this tells them apart
+    (growth reads entries where ε = 0, so only the death ranking can differ)."""
     prob = Problem()
-    opt = ssam(prob, "dynamic", sparsity=0.4, death="weight", growth="weight", steps_per_epoch=1, update_freq=1,
-               total_epochs=2)
-    old = flat(opt.mask()).bool()
-    w = prob.flat().abs()
-    opt.step(prob.closure(opt))  # epoch 0: r = r₀ = 0.5
-    dense = 43 * 0.6  # 25.8: keep ⌊12.9⌋, grow ⌊min(12.9, 17.2)⌋
-    expected = torch.zeros(P, dtype=torch.bool)
-    expected[w.masked_fill(~old, -1).topk(math.floor(dense * 0.5)).indices] = True
-    expected[w.masked_fill(old, -1).topk(math.floor(dense * 0.5)).indices] = True
-    assert torch.equal(flat(opt.mask()).bool(), expected)
+    sparsity, rho, rate = 0.5, 2.0, 0.5
+    opt = ssam(prob, "dynamic", sparsity=sparsity, rho=rho, death="weight", growth="weight")
+    g = torch.Generator().manual_seed(1)
+    sizes = [p.numel() for p in prob.model.parameters()]
+    old = torch.zeros(P, dtype=torch.bool)
+    old[torch.randperm(P, generator=g)[:21]] = True  # P − ⌈P·s⌉ = 21 perturbed
+    w = prob.flat()
+    # perturbed entries: |w| = 0.5 + 1e-4·k (k = 0..20 shuffled), random signs; the others keep theirs
+    signs = torch.randint(0, 2, (21,), generator=g, dtype=torch.float64) * 2 - 1
+    w[old] = signs * (0.5 + 1e-4 * torch.randperm(21, generator=g, dtype=torch.float64))
+    with torch.no_grad():
+        for p, piece in zip(prob.model.parameters(), w.split(sizes)):
+            p.copy_(piece.view_as(p))
+    opt.load_mask([piece.view_as(p) for piece, p in zip(old.split(sizes), prob.model.parameters())])
+    opt.set_epoch(0, steps_per_epoch=1, drop_rate=rate)
+    grad = ref.grad(prob.flat_loss, w)
+    eps = rho * torch.where(old, grad, 0) / (grad.norm() + 1e-12)  # norm="full"
+    opt.step(prob.closure(opt))
+    assert torch.allclose(prob.seen[-1] - prob.seen[-2], eps, rtol=0, atol=1e-12)  # the ε the step applied
+
+    dense = P * (1 - sparsity)  # 21.5: keep ⌊10.75⌋ = 10, grow ⌊min(10.75, 21.5)⌋ = 10
+    keep, grow = math.floor(dense * (1 - rate)), math.floor(min(dense * rate, P * sparsity))
+    assert (keep, grow) == (10, 10)
+
+    def by_hand(score):
+        mask = torch.zeros(P, dtype=torch.bool)
+        mask[score.masked_fill(~old, -1).topk(keep).indices] = True
+        mask[score.masked_fill(old, -1).topk(grow).indices] = True
+        return mask
+
+    spec, quirk = by_hand(w.abs()), by_hand((w + eps).abs())
+    assert int((spec != quirk).sum()) >= 4  # the situation separates |w| from |w + ε|
+    assert torch.equal(flat(opt.mask()).bool(), spec)
 
 
 def test_dynamic_gradient_death_keeps_the_largest_gradients():
@@ -339,7 +365,7 @@ def test_load_mask_checks_what_it_is_given():
 
 @pytest.mark.parametrize("kw,name", [
     (dict(sparsity=-0.1), "sparsity"), (dict(sparsity=1.5), "sparsity"), (dict(sparsity=float("nan")), "sparsity"),
-    (dict(rho=0.0), "rho"), (dict(mode="magic"), "mode"), (dict(norm="l1"), "norm"),
+    (dict(rho=-0.1), "rho"), (dict(mode="magic"), "mode"), (dict(norm="l1"), "norm"),
     (dict(update_freq=0), "update_freq"), (dict(num_samples=0), "num_samples"), (dict(drop_rate=1.5), "drop_rate"),
     (dict(death="age"), "death"), (dict(growth="age"), "growth"), (dict(steps_per_epoch=0), "steps_per_epoch"),
     (dict(mode="dynamic", steps_per_epoch=5), "total_epochs"),

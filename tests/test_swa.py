@@ -47,6 +47,23 @@ def test_after_k_collections_the_swa_model_is_the_mean_of_the_collected_models()
     np.testing.assert_allclose(swa.model["w"], np.mean(collected, axis=0), rtol=1e-12)
 
 
+@pytest.mark.parametrize("collect,rounds", [("reference", (21, 31)), ("end-of-cycle", (20, 30))])
+def test_each_collection_rule_averages_its_own_rounds_models(collect, rounds):
+    """Start 1 + 10 (t_s = 10, a multiple of c = 10): the reference collects after the rounds with
+    t mod 10 = 0, each cycle's highest-lr round (τ = 1/c); end-of-cycle after t mod 10 = 9, the
+    lowest-lr one, whose clients used exactly η_2 (spec 14)."""
+    swa = SWA(start=11, cycle=10, lr=1e-4, collect=collect)
+    models = {r: np.random.default_rng(r).normal(size=3) for r in range(0, 35)}
+    for rnd in range(1, 35):
+        swa.begin_round(rnd, _record(models[rnd - 1]))
+        swa.end_round(rnd, _record(models[rnd]))
+    collected = [models[r].astype(np.float32).astype(np.float64) for r in rounds]
+    assert swa.collected == len(rounds)
+    np.testing.assert_allclose(swa.model["w"], np.mean(collected, axis=0), rtol=1e-12)
+    if collect == "end-of-cycle":
+        assert all(swa.client_lr(r, 0.01) == 1e-4 for r in rounds)
+
+
 def test_a_start_after_the_last_round_is_no_swa_and_swa_evaluates_its_average():
     plain = list(play(FedAvg(4, 2, seed=1), Scripted(4, seed=3), start(), 3))
     late = FedAvg(4, 2, seed=1, swa=SWA(start=4))

@@ -26,9 +26,10 @@ class DeviceBatches:
     ``shuffle`` each epoch visits the samples in a new order. Both come from one CPU generator
     seeded with ``seed``, so the sequence of batches is reproducible and the same on every device;
     an epoch's draws then reach the device in one copy (a CUDA generator per client costs more
-    to set up than a small client's whole epoch). The last batch of an
-    epoch may be smaller; a last batch of a single sample is folded into the one before it
-    (BatchNorm cannot train on one sample).
+    to set up than a small client's whole epoch). The last batch of an epoch may be smaller, down
+    to one sample, so an epoch is ``⌈n/b⌉`` steps as the specification counts them; with
+    ``fold_lone_last`` a last batch of a single sample is folded into the one before it instead,
+    for BatchNorm models (BatchNorm cannot train on one sample).
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class DeviceBatches:
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         memory_format: torch.memory_format = torch.contiguous_format,
+        fold_lone_last: bool = False,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be a uint8 N×C×H×W tensor, got {images.dtype} {tuple(images.shape)}")
@@ -65,7 +67,7 @@ class DeviceBatches:
             self.grid = pixel_grid(images)
         n = len(images)
         starts = list(range(0, n, batch_size)) + [n]
-        if len(starts) > 2 and starts[-1] - starts[-2] == 1:
+        if fold_lone_last and len(starts) > 2 and starts[-1] - starts[-2] == 1:
             del starts[-2]
         self.bounds = list(zip(starts[:-1], starts[1:]))
 
@@ -111,7 +113,7 @@ class SingleExamples:
     """Single training examples, one epoch of a client's own seeded stream after another
     (SSAM-F's Fisher examples): ``take(k)`` continues where the last call stopped, reshuffling
     when an epoch runs out. ``batches`` gives the data, transforms and generator; its batch size
-    does not matter (a lone last example is never folded into a pair, as a minibatch's is)."""
+    does not matter (its ``fold_lone_last`` is not used here)."""
 
     def __init__(self, batches: DeviceBatches) -> None:
         self.batches = batches

@@ -13,6 +13,14 @@ Closure = Callable[[], torch.Tensor]
 XI = 1e-12
 
 
+def check_rho(rho: float) -> None:
+    """A radius must be finite and ``>= 0``. ``ρ = 0`` is allowed on purpose: the step keeps its
+    passes but perturbs by nothing, so it equals the base method (the spec's test hooks, such as
+    FedGAMMA ≡ SCAFFOLD and FedSpeed ≡ FedDyn, and FedGloSS's ramp from ``ρ_0 = 0``)."""
+    if not (rho >= 0 and rho != float("inf")):
+        raise ValueError(f"rho must be >= 0, got {rho}")
+
+
 class PerturbThenDescend(torch.optim.Optimizer):
     """Wraps a base optimizer that takes exactly one step per minibatch, at the restored weights.
 

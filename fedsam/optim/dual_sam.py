@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .base import XI, PerturbThenDescend
+from .base import XI, PerturbThenDescend, check_rho
 
 
 class DualSAM(PerturbThenDescend):
@@ -34,8 +34,7 @@ class DualSAM(PerturbThenDescend):
 
     def __init__(self, params: Any, base_optimizer: Callable[..., torch.optim.Optimizer], rho: float = 0.1,
                  **base_kwargs: Any) -> None:
-        if not rho >= 0:
-            raise ValueError(f"rho must be >= 0, got {rho}")
+        check_rho(rho)
         super().__init__(params, base_optimizer, dict(rho=rho), base_kwargs)
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .base import XI, Closure, PerturbThenDescend, require_closure
+from .base import XI, Closure, PerturbThenDescend, check_rho, require_closure
 
 #: L2 length of the default perturbation: SAM's default ρ.
 DEFAULT_L2_RADIUS = 0.05
@@ -51,8 +51,8 @@ class FGSMSAM(PerturbThenDescend):
         ascent_momentum: float = 0.0,
         **base_kwargs: Any,
     ) -> None:
-        if rho is not None and not rho > 0:
-            raise ValueError(f"rho must be > 0, got {rho}")
+        if rho is not None:
+            check_rho(rho)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if not ascent_momentum >= 0:

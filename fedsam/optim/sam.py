@@ -11,23 +11,25 @@ Kwon et al., "ASAM: Adaptive Sharpness-Aware Minimization" (ICML 2021). For one 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .base import XI, PerturbThenDescend
+from .base import XI, PerturbThenDescend, check_rho
 
 
 class SAM(PerturbThenDescend):
     """Sharpness-aware wrapper around any ``torch.optim`` optimizer; ``adaptive=True`` gives ASAM.
 
     ``rho``, ``adaptive`` and ``eta`` may differ per parameter group; ``‖T g‖₂`` is taken over all
-    parameters together. ASAM's scale ``T = |w| + eta`` applies, by default, to weight tensors
-    (``ndim > 1``: convolution and linear weights), while biases and normalization parameters keep
-    ``T = 1``. A parameter group with ``"scaled": True`` or ``False`` says it for its tensors
-    instead: ``asam_param_groups`` builds the groups from a model's parameter names, for the
-    reference's choice (every ``weight``, normalization weights included).
+    parameters together. ASAM's scale ``T = |w| + eta`` applies to the tensors the reference scales:
+    every parameter named ``weight``, normalization weights included, while biases keep ``T = 1``.
+    That needs the names, so pass ``model.named_parameters()`` (or ``asam_param_groups(model)``).
+    Bare ``model.parameters()`` carry no names: ASAM then scales only the tensors with more than
+    one dimension (convolution and linear weights), and says so once. A parameter group with
+    ``"scaled": True`` or ``False`` decides it for its tensors.
 
     ``step(closure)`` runs both passes itself: the closure zeroes the gradients, runs forward and
     backward on the same minibatch, and returns the loss. (davda54/sam's ``step`` expects the
@@ -43,10 +45,11 @@ class SAM(PerturbThenDescend):
         eta: float = 0.01,
         **base_kwargs: Any,
     ) -> None:
-        if not rho > 0:
-            raise ValueError(f"rho must be > 0, got {rho}")
+        check_rho(rho)
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
+        if adaptive:
+            params = _scaled_by_name(params)
         super().__init__(params, base_optimizer, dict(rho=rho, adaptive=adaptive, eta=eta), base_kwargs)
 
     @torch.no_grad()
@@ -80,16 +83,45 @@ class SAM(PerturbThenDescend):
 #: included, biases not), as the ASAM and FedASAM reference code does, or only the weight matrices
 #: and kernels (``ndim > 1``), this package's choice before the reference was checked.
 ASAM_SCOPES = ("reference", "matrices")
+ASAM_SCOPE = ASAM_SCOPES[0]  # the default: the reference's
 
 
-def asam_scaled(name: str, param: torch.Tensor, scope: str = "reference") -> bool:
+def asam_scaled(name: str, param: torch.Tensor, scope: str = ASAM_SCOPE) -> bool:
     """Whether ASAM scales this named parameter under ``scope`` (see ``ASAM_SCOPES``)."""
     if scope not in ASAM_SCOPES:
         raise ValueError(f"asam scope must be one of {ASAM_SCOPES}, got {scope!r}")
     return "weight" in name.rsplit(".", 1)[-1] if scope == "reference" else param.ndim > 1
 
 
-def asam_param_groups(model: torch.nn.Module, scope: str = "reference") -> list[dict[str, Any]]:
+def _scaled_by_name(params: Any) -> list[Any]:
+    """Named parameters (``model.named_parameters()``, or groups of them without ``"scaled"``) split
+    into ASAM's scaled and unscaled groups by the reference's rule; anything else as given, with a
+    warning where 1-D tensors leave the choice to the ``ndim > 1`` fallback."""
+    if isinstance(params, torch.Tensor):
+        return params  # torch refuses a bare tensor in its own words
+    params = list(params)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    out, unnamed_vectors = [], False
+    for group in groups:
+        members = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
+        named = bool(members) and all(isinstance(m, tuple) for m in members)
+        if "scaled" in group or not named:
+            unnamed_vectors |= "scaled" not in group and any(
+                (m[1] if isinstance(m, tuple) else m).ndim <= 1 for m in members)
+            out.append({**group, "params": members})
+            continue
+        for flag in (True, False):
+            chosen = [(n, p) for n, p in members if asam_scaled(n, p) == flag]
+            if chosen:
+                out.append({**group, "params": chosen, "scaled": flag})
+    if unnamed_vectors:
+        warnings.warn("ASAM got parameters without names, so it scales only tensors with more than one "
+                      "dimension; pass model.named_parameters() to scale normalization weights too, as the "
+                      "reference does", stacklevel=3)
+    return out if params else params
+
+
+def asam_param_groups(model: torch.nn.Module, scope: str = ASAM_SCOPE) -> list[dict[str, Any]]:
     """``model``'s parameters in two groups, scaled by ASAM and not, for ``SAM(adaptive=True)``."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if asam_scaled(n, p, scope) == flag], "scaled": flag}

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .base import XI, Closure, PerturbThenDescend, require_closure
+from .base import XI, Closure, PerturbThenDescend, check_rho, require_closure
 
 SSAM_MODES = ("fisher", "dynamic")
 SSAM_NORMS = ("full", "masked")
@@ -159,8 +159,7 @@ class SparseSAM(PerturbThenDescend):
         generator: torch.Generator | None = None,
         **base_kwargs: Any,
     ) -> None:
-        if not rho > 0:
-            raise ValueError(f"rho must be > 0, got {rho}")
+        check_rho(rho)
         if not 0 <= sparsity <= 1:
             raise ValueError(f"sparsity must be in [0, 1] (the fraction of entries not perturbed), got {sparsity}")
         if mode not in SSAM_MODES:
