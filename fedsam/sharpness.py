@@ -4,13 +4,15 @@ SAM's claim is that it finds flatter minima; ``λ_max(∇²L(w))`` is the usual 
 sharp a minimum is. Each power-iteration step is one Hessian-vector product (a double backward
 pass over the evaluation subset), ``v ← Hv / ‖Hv‖``, and ``λ ≈ vᵀHv`` (the Rayleigh quotient).
 The iteration starts from a seeded random direction and stops when λ changes by less than
-``tol`` (relative) or after ``iters`` products. The model is evaluated in eval mode, so
-BatchNorm uses its running statistics and the loss is one fixed function of the weights.
+``tol`` (relative) or after ``iters`` products; an estimate that ran out of products is returned
+as such (``converged=False``), never passed off as converged. The model is evaluated in eval mode,
+so BatchNorm uses its running statistics and the loss is one fixed function of the weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,12 @@ from torch import nn
 from fedsam.runtime import eval_batch_size
 
 Loss = Callable[[], torch.Tensor]
+
+
+class Eigenvalue(NamedTuple):
+    value: float
+    products: int  # Hessian-vector products spent
+    converged: bool  # the last two estimates agreed within ``tol``; else ``value`` is where the cap stopped
 
 
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
@@ -39,7 +47,7 @@ def hessian_vector_product(losses: Iterable[tuple[Loss, float]], params: list[to
 
 
 def _power_iteration(losses: list[tuple[Loss, float]], params: list[torch.Tensor], iters: int, tol: float,
-                     seed: int, shift: float) -> tuple[float, int]:
+                     seed: int, shift: float) -> Eigenvalue:
     """Dominant eigenvalue of ``H − shift·I``, by power iteration from a seeded direction."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     v = [torch.randn(p.shape, generator=generator).to(p) for p in params]
@@ -53,32 +61,34 @@ def _power_iteration(losses: list[tuple[Loss, float]], params: list[torch.Tensor
         new = float(_dot(hv, v))
         norm = torch.sqrt(_dot(hv, hv))
         if norm == 0:
-            return 0.0, step
+            return Eigenvalue(0.0, step, True)
         v = [x / norm for x in hv]
         if eigenvalue is not None and abs(new - eigenvalue) <= tol * max(abs(new), 1e-12):
-            return new, step
+            return Eigenvalue(new, step, True)
         eigenvalue = new
-    return float(eigenvalue), iters
+    return Eigenvalue(float(eigenvalue), iters, False)
 
 
 def top_eigenvalue(losses: list[tuple[Loss, float]], params: list[torch.Tensor], iters: int = 20,
-                   tol: float = 1e-3, seed: int = 0) -> tuple[float, int]:
-    """The largest (most positive) Hessian eigenvalue of ``Σ_k w_k L_k`` at ``params``, and the
-    Hessian-vector products it took.
+                   tol: float = 1e-3, seed: int = 0) -> Eigenvalue:
+    """The largest (most positive) Hessian eigenvalue of ``Σ_k w_k L_k`` at ``params``, the
+    Hessian-vector products it took, and whether it converged.
 
     Power iteration finds the eigenvalue of largest magnitude. Away from a minimum that can be a
     negative one; then a second pass on ``H − λ·I`` (whose dominant eigenvalue is
-    ``λ_max − λ ≥ 0``) finds the top of the spectrum.
+    ``λ_max − λ ≥ 0``) finds the top of the spectrum. A first pass that ran out of products has not
+    settled which end of the spectrum dominates, so its sign decides nothing: it is returned
+    unconverged.
     """
-    dominant, used = _power_iteration(losses, params, iters, tol, seed, 0.0)
-    if dominant >= 0:
-        return dominant, used
-    shifted, more = _power_iteration(losses, params, iters, tol, seed + 1, dominant)
-    return shifted + dominant, used + more
+    first = _power_iteration(losses, params, iters, tol, seed, 0.0)
+    if first.value >= 0 or not first.converged:
+        return first
+    shifted = _power_iteration(losses, params, iters, tol, seed + 1, first.value)
+    return Eigenvalue(shifted.value + first.value, first.products + shifted.products, shifted.converged)
 
 
 def model_sharpness(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int | None = None,
-                    iters: int = 20, tol: float = 1e-3, seed: int = 0) -> float:
+                    iters: int = 20, tol: float = 1e-3, seed: int = 0) -> Eigenvalue:
     """``λ_max`` of the mean cross-entropy of ``model`` on (normalised, on-device) ``images``.
     ``batch_size`` only splits the sum. By default it is the test-set evaluation's on a CPU
     (``eval_batch_size``: faster there than 256, docs/performance.md), and 256 on a GPU, where each
@@ -94,10 +104,9 @@ def model_sharpness(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         x, y = images[start:start + batch_size], labels[start:start + batch_size]
         losses.append((lambda x=x, y=y: F.cross_entropy(model(x), y), len(y) / n))
     try:
-        value, _ = top_eigenvalue(losses, params, iters=iters, tol=tol, seed=seed)
+        return top_eigenvalue(losses, params, iters=iters, tol=tol, seed=seed)
     finally:
         model.train(was_training)
-    return value
 
 
 def evaluation_subset(num_samples: int, size: int, seed: int) -> torch.Tensor:

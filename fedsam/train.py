@@ -165,7 +165,7 @@ def train_locally(
 class Evaluation(NamedTuple):
     loss: float  # mean cross-entropy
     accuracy: float  # top-1
-    top5_accuracy: float  # the label among the five largest logits (top-1 with fewer than five classes)
+    top5_accuracy: float  # the label among the five largest logits (1.0 with five classes or fewer)
 
 
 @torch.no_grad()

@@ -240,6 +240,17 @@ METHOD_FIELDS = ("strategy", "optimizer", "rho", "eta", "asam_scope", "fgsm_step
                  "swa_start", "swa_cycle", "swa_lr", "swa_collect")
 
 
+#: The settings ``fedsam run --resume`` may change: how long a run goes and how it is carried out, never
+#: what a round computes. A sweep's runs and a report's configurations do not differ by the rest of them.
+RESUMABLE = ("rounds", "checkpoint_every", "client_timeout", "min_successful_clients", "num_cpus_per_client",
+             "num_gpus_per_client", "ray_num_cpus", "ray_address")
+
+
+#: The method settings FedAvg's own server reads too: a run of another method is compared with the
+#: FedAvg + SGD run that shares them (``fedsam report``).
+SERVER_FIELDS = ("server_lr", "relaxed_init", "swa_start", "swa_cycle", "swa_lr", "swa_collect")
+
+
 def method_keys() -> set[str]:
     """The dashed keys of every setting that describes the method (``METHOD_FIELDS`` and those
     declared ``methods=``)."""

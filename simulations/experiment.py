@@ -22,9 +22,9 @@ from fedsam.runtime import autocast_dtype, eval_batch_size, keep_freed_memory, r
 from fedsam.data import DataError, DeviceBatches, ImageDataset, Partition, PartitionError, cached_partition, load
 from fedsam.data import partition_record, summarize, write_partition_json
 from fedsam.cohort import batchable
-from fedsam.models import build_model
+from fedsam.models import build_model, has_batch_norm
 from fedsam.optim import FEDGF_RHO, OptimizerSpecError, build
-from fedsam.sharpness import evaluation_subset, model_sharpness
+from fedsam.sharpness import Eigenvalue, evaluation_subset, model_sharpness
 from fedsam.train import Evaluation, evaluate
 from fedsam.worker import optimizer_params
 from simulations import checkpoint
@@ -74,10 +74,15 @@ def check(cfg: ExperimentConfig, out: Path | None = None, data: ImageDataset | N
         partition = cached_partition(data.train_labels.numpy(), cfg.partition_spec(), data.num_classes)
     except (DataError, PartitionError) as exc:
         raise ConfigError(str(exc)) from None
+    probe = build_model(cfg.model, data.num_classes, cfg.norm)
+    lone = [i for i, idx in enumerate(partition.clients) if len(idx) == 1]
+    if lone and has_batch_norm(probe):
+        raise ConfigError(f"--norm batch cannot train a client that holds one image (client {lone[0]}"
+                          f"{f' and {len(lone) - 1} more' if len(lone) > 1 else ''}): use --norm group, or a "
+                          "split that leaves no client with one image")
     try:
         message_config = wire.train_config(cfg)  # build the optimizer exactly as a client will
         message_config[wire.SERVER_ROUND] = 1
-        probe = build_model(cfg.model, data.num_classes, cfg.norm)
         options = wire.optimizer_options(message_config, 0)
         build(cfg.optimizer, optimizer_params(probe, cfg.optimizer, options), **options)
     except OptimizerSpecError as exc:
@@ -217,7 +222,7 @@ class SharpnessProbe:
         self.labels = data.train_labels[idx].to(device)
         self.seed = seed
 
-    def __call__(self, arrays: ArrayRecord) -> float:
+    def __call__(self, arrays: ArrayRecord) -> Eigenvalue:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         return model_sharpness(self.model, self.images, self.labels, seed=self.seed)
 
@@ -383,7 +388,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
             if not math.isfinite(record["test_loss"]):
                 raise fail(rnd, f"the global model diverged (test loss {record['test_loss']})")
         if probe is not None and (rnd % cfg.sharpness_every == 0 or rnd == cfg.rounds):
-            record["sharpness"] = probe(evaluated)
+            found = probe(evaluated)
+            record["sharpness"], record["sharpness_converged"] = found.value, found.converged
         if failures:
             record["failures"] = failures
         record["seconds"] = time.monotonic() - round_start

@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import math
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from simulations.results import finite  # noqa: E402
 
 
 SHARPNESS_TITLE = "sharpness of the final global model (top Hessian eigenvalue)"
@@ -77,7 +77,7 @@ def _order(values) -> list:
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return finite(value) is not None
 
 
 def _mean_curve(runs, key: str = "test_accuracy") -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -196,21 +196,24 @@ def sweep_figures(rows, keys: list[str], directory: Path) -> list[str]:
         plt.close(fig)
         written.append(path)
 
+    def summary_value(name: str):
+        """A summary's figure when it is a finite number, else None (not measured, or not a number)."""
+        return lambda r: finite(r.summary.get(name))
+
     if len(alphas) >= 2:
-        by_alpha(lambda r: r.summary["final_test_accuracy"], "alpha.png", "final test accuracy (mean ± std)",
+        by_alpha(summary_value("final_test_accuracy"), "alpha.png", "final test accuracy (mean ± std)",
                  "final test accuracy against heterogeneity")
-    has_sharpness = any(r.summary.get("final_sharpness") is not None for row in rows for r in row.done)
-    if has_sharpness and len(alphas) >= 2:
-        by_alpha(lambda r: r.summary.get("final_sharpness"), "sharpness.png", "final λ_max (mean ± std)",
-                 SHARPNESS_TITLE)
-    elif has_sharpness:
+    sharpness = summary_value("final_sharpness")
+    measured = [(row, values) for row in rows if (values := [v for r in row.done if (v := sharpness(r)) is not None])]
+    if measured and len(alphas) >= 2:
+        by_alpha(sharpness, "sharpness.png", "final λ_max (mean ± std)", SHARPNESS_TITLE)
+    elif measured:  # one bar per configuration that measured it: no bar stands for "not measured"
         fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=100)
-        names = [_label(row.config, keys) for row in rows]
-        values = [[r.summary.get("final_sharpness") for r in row.done if r.summary.get("final_sharpness") is not None]
-                  for row in rows]
-        ax.bar(range(len(rows)), [np.mean(v) if v else 0 for v in values],
+        names = [_label(row.config, keys) for row, _ in measured]
+        values = [v for _, v in measured]
+        ax.bar(range(len(values)), [np.mean(v) for v in values],
                yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in values], capsize=3)
-        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=7)
+        ax.set_xticks(range(len(values)), names, rotation=30, ha="right", fontsize=7)
         ax.set_xlabel("configuration")
         ax.set_ylabel("final λ_max (mean ± std over seeds)")
         ax.set_title(SHARPNESS_TITLE, fontsize=10)

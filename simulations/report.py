@@ -13,7 +13,9 @@ hardware it ran. The table gives, as mean ± standard deviation over seeds (samp
   how far heterogeneity pulls the clients apart; and the final norm of the method's correction state
   (SCAFFOLD's control variate, FedDyn's h, FedCM's momentum, ...), which shows whether it settles;
 - against the FedAvg + SGD configuration with the same other settings: the difference in final
-  accuracy ± its standard error, called *better* or *worse* only beyond two standard errors.
+  accuracy ± its standard error, called *better* or *worse* only when a two-sided t-test at the 5%
+  level says so: paired over the seeds when both configurations finished the same seeds (they share
+  the split and the starting model), Welch's otherwise.
 
 A run whose config.json or summary.json is broken is listed as refused, with the reason, and left
 out of the table and the figures; a metrics.jsonl line that is no round record is skipped and
@@ -40,10 +42,10 @@ import numpy as np
 
 from simulations.errors import UsageError
 from simulations import results
-from simulations.config import method_keys
+from simulations.config import RESUMABLE, SERVER_FIELDS, key, method_keys
 
-NOT_CONFIGURATION = {"seed", "out", "data-dir", "download", "device", "num-cpus-per-client", "num-gpus-per-client",
-                     "ray-num-cpus", "ray-address"}
+NOT_CONFIGURATION = {"seed", "out", "data-dir", "download", "device",
+                     *(key(name) for name in RESUMABLE if name != "rounds")}  # what a resume may change
 METHOD_KEYS = method_keys()
 # Optional per-round diagnostics: (metrics key, table header, CSV prefix). A column appears only when
 # some finished run recorded the key, so a table of older runs keeps its shape.
@@ -87,12 +89,12 @@ SUMMARY_NUMBERS = ("final_test_accuracy", "best_test_accuracy", "wall_seconds")
 def check_summary(summary: dict[str, Any], path: Path) -> None:
     """The figures the table and plots take from a summary are numbers (``None``, or absent, where
     a run had nothing to give); ``results.RunFileError`` naming the file and the key otherwise."""
-    def number(value: Any) -> bool:
-        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
-
-    for name in (*SUMMARY_NUMBERS, "final_sharpness"):  # a missing one counts as None, as for an old run
-        if not number(summary.get(name)):
-            raise results.RunFileError(f"{path}: {name} is not a number ({summary[name]!r})")
+    for name in SUMMARY_NUMBERS:  # a missing one counts as None, as for an old run
+        if summary.get(name) is not None and results.finite(summary[name]) is None:
+            raise results.RunFileError(f"{path}: {name} is not a finite number ({summary[name]!r})")
+    sharpness = summary.get("final_sharpness")  # NaN: a probe that failed, counted as not measured
+    if sharpness is not None and (isinstance(sharpness, bool) or not isinstance(sharpness, (int, float))):
+        raise results.RunFileError(f"{path}: final_sharpness is not a number ({sharpness!r})")
 
 
 def collect(directory: Path) -> tuple[list[RunResult], list[dict[str, Any]], list[RunResult], list[str]]:
@@ -165,10 +167,7 @@ def sorted_rows(rows: list[Row], keys: list[str]) -> list[Row]:
 def recorded(record: dict[str, Any], key: str) -> float | None:
     """``record[key]`` when it is a finite number; ``None`` when absent, null (a round that did not
     measure it) or anything else, so that a stray value never reaches a mean or a log axis."""
-    value = record.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
+    return results.finite(record.get(key))
 
 
 def last_tenth_mean(metrics: list[dict[str, Any]], tenths_back: int = 0, key: str = "test_accuracy") -> float | None:
@@ -225,12 +224,14 @@ def row_stats(row: Row, target: float) -> dict[str, Any]:
     done = row.done
     reached = [rounds_to(r.metrics, target) for r in done]
     stats = {
-        "final": mean_std([r.summary["final_test_accuracy"] for r in done]),
+        "final": mean_std([r.summary.get("final_test_accuracy") for r in done]),
         "last10": mean_std([last_tenth_mean(r.metrics) for r in done]),
         "trend": mean_std([late_trend(r.metrics) for r in done]),
-        "best": mean_std([r.summary["best_test_accuracy"] for r in done]),
-        "wall": mean_std([r.summary["wall_seconds"] for r in done]),
-        "sharpness": mean_std([r.summary.get("final_sharpness") for r in done]),
+        "best": mean_std([r.summary.get("best_test_accuracy") for r in done]),
+        "wall": mean_std([r.summary.get("wall_seconds") for r in done]),
+        "sharpness": mean_std([results.finite(r.summary.get("final_sharpness")) for r in done]),
+        "unconverged": sum(r.summary.get("final_sharpness_converged") is False
+                           and results.finite(r.summary.get("final_sharpness")) is not None for r in done),
         **{key: mean_std([diagnostic(r.metrics, key) for r in done]) for key, _, _ in DIAGNOSTICS},
         "to_target": mean_std([x for x in reached if x is not None]),
         "reached": sum(x is not None for x in reached),
@@ -240,33 +241,106 @@ def row_stats(row: Row, target: float) -> dict[str, Any]:
     return stats
 
 
-def baseline_of(row: Row, rows: list[Row]) -> Row | None:
-    """The FedAvg + SGD row whose settings, apart from the method, are this row's."""
-    if row.config.get("strategy") == "fedavg" and row.config.get("optimizer") == "sgd":
+def is_baseline(row: Row) -> bool:
+    return row.config.get("strategy") == "fedavg" and row.config.get("optimizer") == "sgd"
+
+
+def baseline_of(row: Row, rows: list[Row]) -> Row | str | None:
+    """The FedAvg + SGD row to compare ``row`` with: its settings apart from the method are this
+    row's, and of those rows the one that shares most of this row's method settings (a server lr,
+    SWA, relaxed initialisation). A tie between several is a string saying so: the report never
+    picks one of them silently."""
+    if is_baseline(row):
         return None
     rest = {k: v for k, v in row.config.items() if k not in METHOD_KEYS}
-    for other in rows:
-        if other.config.get("strategy") == "fedavg" and other.config.get("optimizer") == "sgd" and \
-                {k: v for k, v in other.config.items() if k not in METHOD_KEYS} == rest:
-            return other
-    return None
+    candidates = [other for other in rows if is_baseline(other)
+                  and {k: v for k, v in other.config.items() if k not in METHOD_KEYS} == rest]
+    if not candidates:
+        return None
+    shared = [sum(row.config.get(key(k)) == other.config.get(key(k)) for k in SERVER_FIELDS) for other in candidates]
+    best = [other for other, n in zip(candidates, shared) if n == max(shared)]
+    return best[0] if len(best) == 1 else f"{len(best)} FedAvg+SGD configurations fit equally"
 
 
-def versus(stats: dict[str, Any], base: dict[str, Any]) -> tuple[float | None, float | None, str]:
-    (m, s), (mb, sb) = stats["final"], base["final"]
-    if m is None or mb is None:
-        return None, None, ""
-    delta = m - mb
-    if s is None or sb is None:  # a single seed has no spread, so no standard error
-        return delta, None, "one seed: no verdict"
-    se = math.sqrt(s ** 2 / stats["n"] + sb ** 2 / base["n"])
-    if delta > 2 * se:
-        verdict = "better"
-    elif delta < -2 * se:
-        verdict = "worse"
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile (``p > 0.5``) of Student's t with ``df`` (possibly fractional) degrees of
+    freedom, by bisection on its distribution function (below)."""
+    low, high = 0.0, 1.0
+    while t_cdf(high, df) < p:
+        low, high = high, 2 * high
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if t_cdf(mid, df) < p else (low, mid)
+    return (low + high) / 2
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T ≤ t) for ``t ≥ 0``: ``1 − I_x(df/2, 1/2)/2`` with ``x = df/(df + t²)``, the regularized
+    incomplete beta function ``I`` evaluated by its continued fraction (modified Lentz)."""
+    x, a, b = df / (df + t * t), df / 2, 0.5
+    if x >= 1.0:
+        return 0.5
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        ibeta = front * _beta_fraction(a, b, x) / a
     else:
-        verdict = "no clear difference"
-    return delta, se, verdict
+        ibeta = 1 - front * _beta_fraction(b, a, 1 - x) / b
+    return 1 - ibeta / 2
+
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    tiny = 1e-300
+    c, d = 1.0, 1 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    value = d
+    for m in range(1, 300):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + numerator * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            value *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return value
+
+
+#: The two-sided level of the better/worse verdict.
+SIGNIFICANCE = 0.05
+
+
+def versus(row: Row, base: Row) -> tuple[float | None, float | None, str]:
+    """Mean final accuracy of ``row`` minus ``base``'s (the table's means), the standard error of
+    that difference, and the verdict of a two-sided t-test at ``SIGNIFICANCE``: paired over the
+    seeds when both finished the same seeds once each (same split and starting model per seed),
+    Welch's unpaired test over every run otherwise."""
+    mine, theirs = finals_by_seed(row), finals_by_seed(base)
+    a, b = [v for _, v in mine], [v for _, v in theirs]
+    if not a or not b:
+        return None, None, ""
+    delta = float(np.mean(a) - np.mean(b))
+    by_seed_a, by_seed_b = dict(mine), dict(theirs)
+    if len(by_seed_a) == len(a) and len(by_seed_b) == len(b) and set(by_seed_a) == set(by_seed_b) and len(a) > 1:
+        differences = [by_seed_a[s] - by_seed_b[s] for s in by_seed_a]
+        se, df = float(np.std(differences, ddof=1)) / math.sqrt(len(differences)), len(differences) - 1
+    elif len(a) > 1 and len(b) > 1:
+        va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+        se = float(math.sqrt(va + vb))
+        df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if va + vb > 0 else 1.0
+    else:  # a single seed has no spread, so no standard error
+        return delta, None, "one seed: no verdict"
+    if se == 0:
+        return delta, se, "no clear difference" if delta == 0 else ("better" if delta > 0 else "worse")
+    if abs(delta) <= t_quantile(1 - SIGNIFICANCE / 2, df) * se:
+        return delta, se, "no clear difference"
+    return delta, se, "better" if delta > 0 else "worse"
+
+
+def finals_by_seed(row: Row) -> list[tuple[Any, float]]:
+    """Each finished run's (seed, final test accuracy); a run without a seed pairs with nothing."""
+    return [(r.config.get("seed", ("no seed", r.name)), value) for r in row.done
+            if (value := results.finite(r.summary.get("final_test_accuracy"))) is not None]
 
 
 def mean_std_text(pair: tuple[float | None, float | None], fmt: str, scale: float = 1.0) -> str:
@@ -286,16 +360,18 @@ def build_table(rows: list[Row], keys: list[str], target: float) -> tuple[list[s
     after = [k for k in diagnostics if k != "test_top5_accuracy"]  # beside the sharpness
     formats = {"test_top5_accuracy": (".2f", 100), "client_drift": (".3f", 1), "correction_norm": (".3g", 1)}
     header = ["configuration", "seeds", "final acc %", *(diagnostics[k][0] for k in top5), "last-10% acc %",
-              "still rising (pts)", "best acc %", f"rounds to {100 * target:.0f}%",
+              "still rising (pts)", "best acc %", f"rounds to {100 * target:g}%",
               "wall time s", "sharpness λ_max", *(diagnostics[k][0] for k in after), "vs FedAvg+SGD (final, pts)"]
     stats = {row.key: row_stats(row, target) for row in rows}
     lines, records = [], []
     for row in rows:
         st = stats[row.key]
         base = baseline_of(row, rows)
-        delta, se, verdict = versus(st, stats[base.key]) if base is not None else (None, None, "")
-        if row.config.get("strategy") == "fedavg" and row.config.get("optimizer") == "sgd":
+        delta, se, verdict = versus(row, base) if isinstance(base, Row) else (None, None, "")
+        if is_baseline(row):
             compare = "baseline"
+        elif isinstance(base, str):
+            compare = f"— ({base})"
         elif delta is None:
             compare = "—"
         else:
@@ -308,7 +384,9 @@ def build_table(rows: list[Row], keys: list[str], target: float) -> tuple[list[s
                       *(shown[k] for k in top5),
                       *(mean_std_text(st[k], fmt, 100) for k, fmt in (("last10", ".2f"), ("trend", "+.2f"),
                                                                      ("best", ".2f"))),
-                      to_target, mean_std_text(st["wall"], ".0f"), mean_std_text(st["sharpness"], ".2f"),
+                      to_target, mean_std_text(st["wall"], ".0f"),
+                      mean_std_text(st["sharpness"], ".2f") + (f" ({st['unconverged']} not converged)"
+                                                                 if st["unconverged"] else ""),
                       *(shown[k] for k in after), compare])
         records.append({
             "configuration": label(row, keys), **{k: row.config.get(k) for k in keys},
@@ -318,10 +396,13 @@ def build_table(rows: list[Row], keys: list[str], target: float) -> tuple[list[s
             "trend_mean": st["trend"][0], "trend_std": st["trend"][1],
             "best_mean": st["best"][0], "best_std": st["best"][1],
             "rounds_to_target_mean": st["to_target"][0], "seeds_reaching_target": st["reached"],
-            "wall_seconds_mean": st["wall"][0], "sharpness_mean": st["sharpness"][0], "sharpness_std": st["sharpness"][1],
+            "target_accuracy": target, "wall_seconds_mean": st["wall"][0], "wall_seconds_std": st["wall"][1],
+            "sharpness_mean": st["sharpness"][0], "sharpness_std": st["sharpness"][1],
+            "sharpness_unconverged": st["unconverged"],
             **{f"{prefix}_{part}": st[k][i] for k, (_, prefix) in diagnostics.items()
                for i, part in enumerate(("mean", "std"))},
-            "delta_vs_fedavg_sgd": delta, "delta_se": se, "verdict": verdict or ("baseline" if compare == "baseline" else ""),
+            "delta_vs_fedavg_sgd": delta, "delta_se": se,
+            "verdict": verdict or ("baseline" if compare == "baseline" else base if isinstance(base, str) else ""),
         })
     return header, lines, records
 
@@ -369,8 +450,10 @@ def run(args: argparse.Namespace) -> int:
     failed = [r for r in runs if r.summary is None] + [RunResult(x["name"], {}, [], None, x["error"]) for x in lost]
     text = [f"# Report: {directory}", "",
             f"{len(runs) + len(lost) + len(refused)} runs, {len(rows)} configurations; mean ± sample std over seeds; "
-            f"target accuracy {100 * target:.1f}%. 'vs FedAvg+SGD' is the difference in mean final accuracy to the "
-            "FedAvg + SGD run with the same other settings, ± its standard error; *better*/*worse* beyond 2 SE. "
+            f"target accuracy {100 * target:g}%. 'vs FedAvg+SGD' is the difference in mean final accuracy to the "
+            "FedAvg + SGD configuration with the same other settings, ± its standard error; *better*/*worse* when a "
+            f"two-sided t-test at the {100 * SIGNIFICANCE:g}% level says so (paired over seeds when both finished the "
+            "same seeds, Welch's otherwise). "
             "'still rising' is the last 10% of rounds' mean accuracy minus that of the 10% before: near 0 once "
             "a curve has flattened." + diagnostics_note(rows), "",
             markdown_table(header, lines), ""]

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -134,6 +135,14 @@ def read_metrics(out: Path, skipped: list[tuple[int, str]] | None = None) -> lis
     return records
 
 
+def finite(value: Any) -> float | None:
+    """``value`` when it is a finite number (not a bool), else ``None``: what every reader of the run
+    files takes as "measured", so that a stray value never reaches a mean, a verdict or an axis."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
@@ -174,10 +183,12 @@ class RunRecorder:
         eta = elapsed / done * (self.rounds - record["round"])
         parts = [f"round {record['round']:>{len(str(self.rounds))}}/{self.rounds}"]
         if record.get("test_accuracy") is not None:
-            parts.append(f"test acc {record['test_accuracy']:.4f}  loss {record['test_loss']:.3f}")
+            model = " (SWA model)" if "swa_models" in record else ""  # from --swa-start on, the average is evaluated
+            parts.append(f"test acc{model} {record['test_accuracy']:.4f}  loss {record['test_loss']:.3f}")
         parts.append(f"train loss {record['train_loss']:.3f}")
         if record.get("sharpness") is not None:
-            parts.append(f"λ_max {record['sharpness']:.1f}")
+            parts.append(f"λ_max {record['sharpness']:.1f}" + ("" if record.get("sharpness_converged", True)
+                                                                else " (not converged)"))
         if record.get("failed_clients"):
             parts.append(f"{record['failed_clients']} client(s) failed")
         parts.append(f"{record['seconds']:.1f} s")
@@ -207,6 +218,8 @@ class RunRecorder:
             "best_round": max(evaluated, key=lambda r: r["test_accuracy"])["round"] if evaluated else None,
             "wall_seconds": wall_seconds,
             "final_sharpness": next((r["sharpness"] for r in reversed(self.records) if "sharpness" in r), None),
+            "final_sharpness_converged": next((r.get("sharpness_converged", True) for r in reversed(self.records)
+                                               if "sharpness" in r), None),
             "failed_client_rounds": sum(int(r.get("failed_clients", 0)) for r in self.records),
             "failure_reasons": dict(sorted(reasons.items(), key=lambda item: -item[1])),
         }

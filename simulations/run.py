@@ -21,7 +21,7 @@ from fedsam.optim import BUILTIN
 from simulations import checkpoint
 from simulations import config as configuration
 from simulations.errors import UsageError
-from simulations.config import ConfigError, ExperimentConfig
+from simulations.config import RESUMABLE, ConfigError, ExperimentConfig
 from simulations.experiment import RunFailed, check, check_saved_partition, run_experiment, write_run_files
 from simulations.presets import PRESETS
 from simulations.ray_cluster import check_reachable
@@ -47,10 +47,6 @@ def resolve_args(args: argparse.Namespace) -> ExperimentConfig:
     if not cfg.out:
         raise ConfigError("--out is required: the folder for this run's results")
     return cfg.resolved()
-
-
-RESUMABLE = ("rounds", "checkpoint_every", "client_timeout", "min_successful_clients", "num_cpus_per_client",
-             "num_gpus_per_client", "ray_num_cpus", "ray_address")
 
 
 def resume_args(args: argparse.Namespace) -> tuple[ExperimentConfig, dict[str, Any] | None]:

@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
     images = (data.train_images[idx].to(device).float() / 255 - mean) / std
-    value = model_sharpness(model, images, data.train_labels[idx].to(device), iters=args.iters, seed=args.seed)
-    print(f"λ_max = {value:.4f}  ({architecture} on {len(idx)} {dataset} training images, seed {args.seed})")
+    found = model_sharpness(model, images, data.train_labels[idx].to(device), iters=args.iters, seed=args.seed)
+    caveat = "" if found.converged else f"; not converged after {found.products} products: raise --iters"
+    print(f"λ_max = {found.value:.4f}  ({architecture} on {len(idx)} {dataset} training images, seed {args.seed}"
+          f"{caveat})")
     return 0

@@ -48,12 +48,11 @@ from typing import Any
 from simulations import checkpoint
 from simulations import config as configuration
 from simulations.errors import UsageError
-from simulations.config import ConfigError, ExperimentConfig, run_command
+from simulations.config import RESUMABLE, ConfigError, ExperimentConfig, run_command
 from simulations.experiment import check
 from simulations.presets import PRESETS
 from simulations import results
 from simulations.results import duration
-from simulations.run import RESUMABLE
 
 NOT_VARIABLE = ("out", "seed")
 PROGRESS_EVERY = 10.0  # seconds between two lines on the runs under way (when a round has ended)

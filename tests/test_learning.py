@@ -3,7 +3,11 @@ within a few rounds (issues: "every method's accuracy rises above chance within 
 In process, one thread per client; marked slow (about half a minute a method on 2 cores).
 
 FedGloSS runs with its warm-up (ρ from 0.001 over the 5 rounds), as its paper does: at ρ = 0.15
-from the first step SAM stalls at chance for the first rounds here, FedSAM as much as FedGloSS."""
+from the first step SAM stalls at chance for the first rounds here, FedSAM as much as FedGloSS.
+For the same reason FedSAM, MoFedSAM and FedSpeed run at ρ = 0.05: from a fresh CNN, SAM at the
+federated papers' ρ = 0.1 stays near chance for its first 10-30 rounds on this subset
+(docs/results.md, "No slow start with ρ = 0.05"), so five rounds at 0.1 test the radius, not
+whether the method learns."""
 
 from __future__ import annotations
 
@@ -15,11 +19,12 @@ from simulations import config as configuration
 from tests.helpers import REAL_SUBSET
 from tests.inprocess import run_inprocess
 
-METHODS = [("fedavg", {}), ("fedsam", {}), ("fedavgm", {}), ("fedprox", {}), ("fedadam", {}), ("fedcm", {}),
-           ("mofedsam", {}), ("scaffold", {}), ("fedgamma", {}), ("feddyn", {}), ("fedspeed", {}), ("fedsmoo", {}),
-           ("fedlesam", {}), ("fedlesam-s", {}), ("fedlesam-d", {}), ("fedgf", {"gf_calibration": 2}),
+SAM_START = {"rho": 0.05}  # leaves chance within five rounds here; 0.1 does not (above)
+METHODS = [("fedavg", {}), ("fedsam", SAM_START), ("fedavgm", {}), ("fedprox", {}), ("fedadam", {}), ("fedcm", {}),
+           ("mofedsam", SAM_START), ("scaffold", {}), ("fedgamma", {}), ("feddyn", {}), ("fedspeed", SAM_START),
+           ("fedsmoo", {}), ("fedlesam", {}), ("fedlesam-s", {}), ("fedlesam-d", {}), ("fedgf", {"gf_calibration": 2}),
            ("fedgloss", {"gloss_warmup": 5}), ("fedsam", {"optimizer": "ssam-f", "ssam_fisher_samples": 16}),
-           ("fedsam", {"optimizer": "ssam-d"}), ("fedsam", {"swa_start": 3})]
+           ("fedsam", {"optimizer": "ssam-d"}), ("fedsam", {"swa_start": 3, **SAM_START})]
 
 
 @pytest.mark.slow

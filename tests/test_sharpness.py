@@ -22,15 +22,15 @@ def _spd(eigenvalues, seed=0):
 def test_quadratic_top_eigenvalue():
     a = _spd([7.0, 3.0, 1.0, 0.5, 0.1])
     w = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    value, steps = top_eigenvalue([(lambda: 0.5 * w @ a @ w, 1.0)], [w], iters=200, tol=1e-9)
-    assert value == pytest.approx(7.0, rel=1e-6) and steps < 200
+    value, steps, converged = top_eigenvalue([(lambda: 0.5 * w @ a @ w, 1.0)], [w], iters=200, tol=1e-9)
+    assert value == pytest.approx(7.0, rel=1e-6) and steps < 200 and converged
 
 
 def test_weighted_terms_add_their_hessians():
     a, b = _spd([4.0, 1.0, 0.2], seed=1), _spd([3.0, 2.0, 0.1], seed=2)
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    value, _ = top_eigenvalue([(lambda: 0.5 * w @ a @ w, 0.25), (lambda: 0.5 * w @ b @ w, 0.75)], [w],
-                              iters=500, tol=1e-10)
+    value = top_eigenvalue([(lambda: 0.5 * w @ a @ w, 0.25), (lambda: 0.5 * w @ b @ w, 0.75)], [w],
+                           iters=500, tol=1e-10).value
     assert value == pytest.approx(float(torch.linalg.eigvalsh(0.25 * a + 0.75 * b).max()), rel=1e-6)
 
 
@@ -51,7 +51,7 @@ def test_a_small_networks_sharpness_is_its_exact_hessians_top_eigenvalue():
 
     exact = torch.linalg.eigvalsh(torch.func.hessian(loss)(w0))
     top = float(exact[exact.abs().argmax()])
-    value = model_sharpness(model, x, y, batch_size=16, iters=500, tol=1e-10)
+    value = model_sharpness(model, x, y, batch_size=16, iters=500, tol=1e-10).value
     assert value == pytest.approx(top, rel=1e-5)
     assert model.training  # restored
 
@@ -81,5 +81,18 @@ def test_sharpness_command_on_a_saved_model(cifar10_dir, tmp_path, capsys):
 def test_a_dominant_negative_eigenvalue_does_not_hide_the_top_one():
     a = _spd([2.0, 0.5, -9.0, -1.0])  # symmetric, indefinite: the largest magnitude is -9
     w = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    value, _ = top_eigenvalue([(lambda: 0.5 * w @ a @ w, 1.0)], [w], iters=2000, tol=1e-12)
+    value = top_eigenvalue([(lambda: 0.5 * w @ a @ w, 1.0)], [w], iters=2000, tol=1e-12).value
     assert value == pytest.approx(2.0, rel=1e-6)
+
+
+def test_an_estimate_that_ran_out_of_products_says_so_and_its_sign_decides_nothing():
+    """Eigenvalues 1, −1.05, 0.2: the negative end dominates only barely, so 20 products do not
+    settle it. The estimate comes back unconverged (below the true λ_max = 1, as every Rayleigh
+    quotient is); given enough products the shifted second pass finds 1."""
+    a = torch.diag(torch.tensor([1.0, -1.05, 0.2], dtype=torch.float64))
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    loss = [(lambda: 0.5 * w @ a @ w, 1.0)]
+    capped = top_eigenvalue(loss, [w], iters=20, tol=1e-3)
+    assert not capped.converged and capped.products == 20 and capped.value < 1.0
+    settled = top_eigenvalue(loss, [w], iters=5000, tol=1e-12)
+    assert settled.converged and settled.value == pytest.approx(1.0, rel=1e-6)

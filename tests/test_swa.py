@@ -88,3 +88,13 @@ def test_a_run_with_swa_evaluates_and_saves_the_average_and_keeps_the_global_mod
     swa_model = torch.load(tmp_path / "swa" / "model.pt")
     global_model = torch.load(tmp_path / "swa" / "model-global.pt")
     assert any(not torch.equal(swa_model[k], global_model[k]) for k in swa_model)
+
+
+def test_the_progress_line_says_when_the_accuracy_is_the_swa_models(tmp_path):
+    from simulations.results import RunRecorder
+
+    recorder = RunRecorder(tmp_path, rounds=4, title="t", echo=False)
+    record = {"round": 2, "test_accuracy": 0.5, "test_loss": 1.0, "train_loss": 0.5, "seconds": 1.0}
+    assert "test acc 0.5000" in recorder.progress_line(record)
+    assert "test acc (SWA model) 0.5000" in recorder.progress_line({**record, "swa_models": 0})
+    assert RunRecorder.progress_round(recorder.progress_line({**record, "swa_models": 0})) == 2

@@ -403,7 +403,7 @@ def test_broken_run_files_are_refused_by_name_in_the_report_and_kept_out_of_its_
     assert f"`lr=0.03`: refused: {grid / 'lr=0.03' / 'config.json'} is not valid JSON" in refused
     assert f"`lr=0.04`: refused: {grid / 'lr=0.04' / 'summary.json'} is not valid JSON" in refused
     assert f"`lr=0.05`: refused: {grid / 'lr=0.05' / 'summary.json'} is unreadable" in refused
-    assert f"`lr=0.06`: refused: {grid / 'lr=0.06' / 'summary.json'}: final_test_accuracy is not a number" in refused
+    assert f"`lr=0.06`: refused: {grid / 'lr=0.06' / 'summary.json'}: final_test_accuracy is not a finite number" in refused
     assert "## Failed or unfinished runs" not in md  # a broken summary is not an unfinished run
     assert "`lr=0.02/metrics.jsonl` line 3: not a JSON object; the line was skipped" in md
     assert "`lr=0.02/metrics.jsonl` line 4: no integer 'round'; the line was skipped" in md
@@ -554,3 +554,160 @@ def test_the_drift_plot_has_labelled_axes_a_title_and_a_log_scale(tmp_path, caps
     code, _, stderr = run_cli(["report", positive], capsys)
     assert code == 0, stderr
     assert saved["drift.png"][0][3] == "log" and "correction.png" not in saved
+
+
+def _seeded_run(folder, config, seed, final):
+    """A finished run with ``config`` (plus its seed) whose final accuracy is ``final``."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({**config, "seed": seed}))
+    (folder / "metrics.jsonl").write_text(json.dumps({"round": 1, "test_accuracy": final}) + "\n")
+    (folder / "summary.json").write_text(json.dumps({"final_test_accuracy": final, "best_test_accuracy": final,
+                                                     "wall_seconds": 1.0}))
+
+
+FEDAVG, FEDSAM = {"strategy": "fedavg", "optimizer": "sgd"}, {"strategy": "fedsam", "optimizer": "sam"}
+
+
+def _verdicts(grid, capsys):
+    code, _, stderr = run_cli(["report", grid], capsys)
+    assert code == 0, stderr
+    return {(r["strategy"], r.get("server-lr", "")): r for r in csv.DictReader(open(grid / "report.csv"))}
+
+
+def test_the_verdict_is_a_paired_t_test_over_shared_seeds(tmp_path, capsys):
+    """Seeds 0-2 shared: the differences 2.0, 2.2, 1.8 points give mean 2.0 and se 0.1155, so
+    t = 17.3 on 2 degrees of freedom (critical 4.303 at 5%): better. Unpaired, the same numbers
+    (std 10 points within each configuration) would say nothing."""
+    grid = tmp_path / "grid"
+    for seed, base in enumerate((0.30, 0.40, 0.50)):
+        _seeded_run(grid / f"avg{seed}", FEDAVG, seed, base)
+        _seeded_run(grid / f"sam{seed}", FEDSAM, seed, base + (0.020, 0.022, 0.018)[seed])
+    row = _verdicts(grid, capsys)[("fedsam", "")]
+    assert float(row["delta_vs_fedavg_sgd"]) == pytest.approx(0.02)
+    assert float(row["delta_se"]) == pytest.approx(0.002 / 3 ** 0.5)
+    assert row["verdict"] == "better"
+
+
+def test_with_two_seeds_each_a_two_se_gap_is_no_verdict(tmp_path, capsys):
+    """Different seeds, so Welch: means 0.50 and 0.46, each with std 0.01414 over 2 seeds, se 0.01414
+    and 2 degrees of freedom. The gap is 2.83 se: beyond the old 2-SE rule, inside t(0.975, 2) = 4.30."""
+    grid = tmp_path / "grid"
+    for seed, final in ((0, 0.49), (1, 0.51)):
+        _seeded_run(grid / f"avg{seed}", FEDAVG, seed, final)
+    for seed, final in ((2, 0.45), (3, 0.47)):
+        _seeded_run(grid / f"sam{seed}", FEDSAM, seed, final)
+    row = _verdicts(grid, capsys)[("fedsam", "")]
+    assert float(row["delta_vs_fedavg_sgd"]) == pytest.approx(-0.04)
+    assert float(row["delta_se"]) == pytest.approx(0.02 / 2 ** 0.5)
+    assert row["verdict"] == "no clear difference"
+
+
+def test_each_method_is_compared_with_the_fedavg_of_its_own_server_lr(tmp_path, capsys):
+    """A server-lr grid: FedSAM at 1.0 against FedAvg at 1.0 (+2 points), never against FedAvg at 0.5."""
+    grid = tmp_path / "grid"
+    for lr, avg, sam in ((0.5, 0.31, 0.30), (1.0, 0.61, 0.63)):
+        for seed in (0, 1):
+            _seeded_run(grid / f"avg-{lr}-{seed}", {**FEDAVG, "server-lr": lr}, seed, avg + 0.01 * seed)
+            _seeded_run(grid / f"sam-{lr}-{seed}", {**FEDSAM, "server-lr": lr}, seed, sam + 0.01 * seed)
+    rows = _verdicts(grid, capsys)
+    assert float(rows[("fedsam", "1.0")]["delta_vs_fedavg_sgd"]) == pytest.approx(0.02)
+    assert float(rows[("fedsam", "0.5")]["delta_vs_fedavg_sgd"]) == pytest.approx(-0.01)
+
+
+def test_two_fedavg_rows_that_fit_equally_are_named_not_picked(tmp_path, capsys):
+    grid = tmp_path / "grid"
+    for lr in (0.5, 1.0):
+        _seeded_run(grid / f"avg-{lr}", {**FEDAVG, "server-lr": lr}, 0, 0.3)
+    _seeded_run(grid / "adam", {"strategy": "fedadam", "optimizer": "sgd", "server-lr": 0.1}, 0, 0.4)
+    code, _, stderr = run_cli(["report", grid], capsys)
+    assert code == 0, stderr
+    adam = next(line for line in (grid / "report.md").read_text().splitlines() if "fedadam" in line)
+    assert adam.endswith("— (2 FedAvg+SGD configurations fit equally) |")
+    row = next(r for r in csv.DictReader(open(grid / "report.csv")) if r["strategy"] == "fedadam")
+    assert row["verdict"] == "2 FedAvg+SGD configurations fit equally"
+
+
+def test_settings_fedavg_does_not_read_do_not_choose_its_row(tmp_path, capsys):
+    """ρ and η mean nothing to FedAvg + SGD: only the server lr decides which FedAvg row fits."""
+    grid = tmp_path / "grid"
+    _seeded_run(grid / "avg-far", {**FEDAVG, "server-lr": 1.0, "rho": 0.1, "eta": 0.2}, 0, 0.6)
+    _seeded_run(grid / "avg-near", {**FEDAVG, "server-lr": 0.5}, 0, 0.3)
+    _seeded_run(grid / "sam", {**FEDSAM, "server-lr": 0.5, "rho": 0.1, "eta": 0.2}, 0, 0.35)
+    code, _, stderr = run_cli(["report", grid], capsys)
+    assert code == 0, stderr
+    row = next(r for r in csv.DictReader(open(grid / "report.csv")) if r["strategy"] == "fedsam")
+    assert float(row["delta_vs_fedavg_sgd"]) == pytest.approx(0.05)
+
+
+def test_a_seed_run_twice_makes_the_test_unpaired_over_every_run(tmp_path, capsys):
+    """Seed 0 twice (0.9, 0.1) and seed 1 (0.5) against 0.5, 0.5: the difference is the table's
+    means' (0.5 − 0.5 = 0), Welch's over all three runs, not a pairing that drops one."""
+    grid = tmp_path / "grid"
+    _seeded_run(grid / "avg0", FEDAVG, 0, 0.5)
+    _seeded_run(grid / "avg1", FEDAVG, 1, 0.49)
+    for name, seed, final in (("a", 0, 0.9), ("b", 0, 0.1), ("c", 1, 0.5)):
+        _seeded_run(grid / f"sam-{name}", {**FEDSAM, "client-timeout": {"a": 600.0}.get(name, 900.0)}, seed, final)
+    row = _verdicts(grid, capsys)[("fedsam", "")]
+    assert row["seeds_done"] == "3"
+    assert float(row["delta_vs_fedavg_sgd"]) == pytest.approx(0.5 - 0.495)
+    assert float(row["delta_se"]) == pytest.approx((0.16 / 3 + 0.00005 / 2) ** 0.5)
+    assert row["verdict"] == "no clear difference"
+
+
+def test_a_non_finite_final_accuracy_refuses_the_run_and_unconverged_sharpness_is_counted(tmp_path, capsys):
+    grid = tmp_path / "grid"
+    _seeded_run(grid / "nan", FEDSAM, 0, 0.4)
+    (grid / "nan" / "summary.json").write_text('{"final_test_accuracy": NaN, "best_test_accuracy": 0.4}')
+    _seeded_run(grid / "ok", FEDSAM, 1, 0.4)
+    summary = json.loads((grid / "ok" / "summary.json").read_text())
+    (grid / "ok" / "summary.json").write_text(json.dumps({**summary, "final_sharpness": 7.5,
+                                                          "final_sharpness_converged": False}))
+    code, _, stderr = run_cli(["report", grid], capsys)
+    assert code == 0, stderr
+    md = (grid / "report.md").read_text()
+    assert "`nan`: refused:" in md and "final_test_accuracy is not a finite number" in md
+    assert "| 7.50 (1 not converged) |" in md
+    assert next(csv.DictReader(open(grid / "report.csv")))["sharpness_unconverged"] == "1"
+
+
+def test_a_setting_a_resume_may_change_splits_no_configuration(tmp_path, capsys):
+    grid = tmp_path / "grid"
+    _seeded_run(grid / "a", {**FEDSAM, "client-timeout": 600.0, "checkpoint-every": 5}, 0, 0.4)
+    _seeded_run(grid / "b", {**FEDSAM, "client-timeout": 900.0, "checkpoint-every": 1}, 1, 0.5)
+    code, _, stderr = run_cli(["report", grid], capsys)
+    assert code == 0, stderr
+    rows = list(csv.DictReader(open(grid / "report.csv")))
+    assert len(rows) == 1 and rows[0]["seeds_done"] == "2"
+
+
+def test_a_summary_without_a_figure_counts_it_as_missing_and_the_target_is_shown_as_given(tmp_path, capsys):
+    grid = tmp_path / "grid"
+    _seeded_run(grid / "a", FEDSAM, 0, 0.4)
+    (grid / "a" / "summary.json").write_text(json.dumps({"final_test_accuracy": 0.4, "best_test_accuracy": 0.4,
+                                                         "final_sharpness": float("nan")}))
+    code, _, stderr = run_cli(["report", grid, "--target", "0.125"], capsys)
+    assert code == 0, stderr
+    md = (grid / "report.md").read_text()
+    assert "rounds to 12.5%" in md and "nan" not in md
+    row = next(csv.DictReader(open(grid / "report.csv")))
+    assert row["wall_seconds_mean"] == "" and row["sharpness_mean"] == "" and float(row["target_accuracy"]) == 0.125
+
+
+def test_a_configuration_that_did_not_measure_sharpness_gets_no_bar(tmp_path, capsys, monkeypatch):
+    """No bar at 0 for "not measured": only the configurations with a finite λ_max are drawn."""
+    from matplotlib.figure import Figure
+
+    ticks = {}
+    real_savefig = Figure.savefig
+
+    def keep(fig, path, *args, **kwargs):
+        ticks[Path(path).name] = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+        return real_savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    grid = tmp_path / "grid"
+    _fake_run(grid / "measured", 0.01, sharpness=12.5)
+    _fake_run(grid / "unmeasured", 0.02)
+    code, _, stderr = run_cli(["report", grid], capsys)
+    assert code == 0, stderr
+    assert ticks["sharpness.png"] == ["lr=0.01"]
