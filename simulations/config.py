@@ -246,6 +246,18 @@ RESUMABLE = ("rounds", "checkpoint_every", "client_timeout", "min_successful_cli
              "num_gpus_per_client", "ray_num_cpus", "ray_address")
 
 
+def comparable(values: dict[str, Any]) -> dict[str, Any]:
+    """The settings (dashed keys) that decide what a run computes; the rest may change when it is resumed."""
+    return {k: v for k, v in values.items() if k != "out" and k.replace("-", "_") not in RESUMABLE}
+
+
+def rounds_fixed(values: dict[str, Any]) -> str | None:
+    """Why a started run's ``--rounds`` cannot change (its schedule spans the run), or ``None``."""
+    if values.get("optimizer") == "ssam-d":
+        return "SSAM-D's drop rate follows a cosine over the run's rounds, so more rounds would redraw rounds already run"
+    return None
+
+
 #: The method settings FedAvg's own server reads too: a run of another method is compared with the
 #: FedAvg + SGD run that shares them (``fedsam report``).
 SERVER_FIELDS = ("server_lr", "relaxed_init", "swa_start", "swa_cycle", "swa_lr", "swa_collect")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -315,7 +316,16 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
                                cfg.sharpness_samples, cfg.seed)
     train_config = wire.train_config(cfg)
     first, earlier_seconds, records, saved_round = 1, 0.0, [], None
+    precision = autocast_dtype(cfg.precision, device)  # "auto" settings, as this machine resolves them
+    execution = {"device": device.type, "precision": "fp32" if precision is None else str(precision).split(".")[-1],
+                 "batched clients": batched}
     if resume is not None:
+        before = resume.get("execution")
+        if before is not None and before != execution:
+            said = lambda e: ", ".join(f"{k} {v}" for k, v in e.items())  # noqa: E731
+            print(f"fedsam run: warning: rounds 1-{int(resume['round'])} ran with {said(before)}, this machine "
+                  f"resolves the run's settings to {said(execution)}: later rounds are computed differently, so the "
+                  "run will not match one never interrupted", file=sys.stderr, flush=True)
         arrays = ArrayRecord(dict(resume["arrays"]))
         strategy.restore_state(resume["strategy"])
         torch.set_rng_state(resume["torch_rng"])
@@ -334,7 +344,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig, out: Path, data: ImageData
         checkpoint.save(out, {
             "round": rnd, "config": cfg.to_dict(), "arrays": arrays.to_torch_state_dict(),
             "strategy": strategy_state, "records": recorder.records,
-            "torch_rng": rng, "elapsed": earlier_seconds + time.monotonic() - started,
+            "torch_rng": rng, "elapsed": earlier_seconds + time.monotonic() - started, "execution": execution,
         })
 
     for rnd in range(first, cfg.rounds + 1):

@@ -21,7 +21,7 @@ from fedsam.optim import BUILTIN
 from simulations import checkpoint
 from simulations import config as configuration
 from simulations.errors import UsageError
-from simulations.config import RESUMABLE, ConfigError, ExperimentConfig
+from simulations.config import RESUMABLE, ConfigError, ExperimentConfig, comparable, rounds_fixed
 from simulations.experiment import RunFailed, check, check_saved_partition, run_experiment, write_run_files
 from simulations.presets import PRESETS
 from simulations.ray_cluster import check_reachable
@@ -78,10 +78,21 @@ def resume_args(args: argparse.Namespace) -> tuple[ExperimentConfig, dict[str, A
     except checkpoint.CheckpointError as exc:
         raise ConfigError(str(exc)) from None
     done = int(state["round"])
+    kept, written = comparable(state["config"]), comparable(saved)
+    if kept != written:
+        name = next(k for k in sorted(set(kept) | set(written)) if kept.get(k) != written.get(k))
+        raise ConfigError(f"{out}/{results.CONFIG} says --{name} {written.get(name)} but its checkpoint ran with "
+                          f"{kept.get(name)}: the run's files disagree")
     if cfg.rounds < done:
         raise ConfigError(f"the checkpoint is at round {done}, past --rounds {cfg.rounds}")
     if cfg.rounds == done and results.is_finished(out):
         raise ConfigError(f"{out} is finished ({done} of {done} rounds); pass --rounds N to extend it")
+    if cfg.rounds != saved.get("rounds") and (why := rounds_fixed(saved)):
+        raise ConfigError(f"--rounds cannot change for this run: {why}")
+    last = state["records"][-1] if state["records"] else {}
+    if cfg.rounds == done and last.get("test_accuracy") is None:
+        raise ConfigError(f"--rounds {done} would end the run at its checkpoint, whose round was not evaluated "
+                          f"(--eval-every {cfg.eval_every}); give more rounds")
     return cfg, state
 
 

@@ -16,7 +16,13 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = configuration.apply(configuration.ExperimentConfig(), dict(context.run_config), "run config").resolved()
+    values = dict(context.run_config)  # every key, pyproject's defaults included
+    cfg = configuration.apply(configuration.ExperimentConfig(), values, "run config")
+    default = configuration.ExperimentConfig()
+    changed = {k: v for k, v in values.items()
+               if getattr(cfg, k.replace("-", "_"), None) != getattr(default, k.replace("-", "_"), None)}
+    configuration.check_methods(cfg.strategy, changed, "run config")  # as `fedsam run` refuses its flags
+    cfg = cfg.resolved()
     out = Path(cfg.out or f"runs/flwr-run-{context.run_id}")
     checked = check(cfg, out)
     write_run_files(checked, out)

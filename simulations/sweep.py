@@ -48,7 +48,7 @@ from typing import Any
 from simulations import checkpoint
 from simulations import config as configuration
 from simulations.errors import UsageError
-from simulations.config import RESUMABLE, ConfigError, ExperimentConfig, run_command
+from simulations.config import RESUMABLE, ConfigError, ExperimentConfig, comparable, rounds_fixed, run_command
 from simulations.experiment import check
 from simulations.presets import PRESETS
 from simulations import results
@@ -161,11 +161,6 @@ def check_all(runs: list[PlannedRun]) -> None:
             raise UsageError(f"run {planned.name}: {exc}") from None
 
 
-def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The settings that decide what a run computes; the rest may change when it is resumed."""
-    return {k: v for k, v in cfg.items() if k != "out" and k.replace("-", "_") not in RESUMABLE}
-
-
 def state_of(planned: PlannedRun) -> tuple[str, str]:
     """What to do with a run's folder, and why: ``done`` (finished, same settings), ``resume`` (a
     checkpoint to continue or extend), ``restart`` (unfinished, no usable checkpoint), ``new``, or
@@ -188,6 +183,8 @@ def state_of(planned: PlannedRun) -> tuple[str, str]:
         reached = None
     if saved.get("rounds", 0) > wanted["rounds"]:  # a checkpoint is never past its config's rounds
         return "stale", f"--rounds {saved.get('rounds')} instead of {wanted['rounds']}"
+    if saved.get("rounds") != wanted["rounds"] and (why := rounds_fixed(saved)):
+        return "stale", f"--rounds {saved.get('rounds')} instead of {wanted['rounds']} ({why})"
     if reached is None:
         return "restart", ""
     return "resume", f"after round {reached}"

@@ -172,3 +172,19 @@ def test_a_run_killed_after_a_checkpoint_resumes_exactly(cifar10_dir, tmp_path, 
     run_inprocess(cfg, resume=state)
     assert _records(tmp_path / "part") == _records(whole)
     _same_model(tmp_path / "part", whole)
+
+
+def test_a_resume_that_resolves_auto_settings_differently_says_so(cifar10_dir, tmp_path, capsys):
+    """The checkpoint keeps how this machine resolved "auto" (device, precision, batched clients);
+    a resume elsewhere that resolves them otherwise continues, with one line saying the run will not
+    match an uninterrupted one. The same machine says nothing."""
+    values = {"data_dir": str(cifar10_dir), "out": str(tmp_path / "part"), **BASE, "rounds": 2}
+    cfg = configuration.apply(configuration.ExperimentConfig(), values, "test").resolved()
+    with pytest.raises(KeyboardInterrupt):
+        run_inprocess(cfg, KilledAfter(app, cfg.num_clients, rounds=1))
+    state = checkpoint.load(tmp_path / "part")
+    assert state["execution"] == {"device": "cpu", "precision": "fp32", "batched clients": False}
+    capsys.readouterr()
+    run_inprocess(cfg, resume={**state, "execution": {**state["execution"], "device": "cuda"}})
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rounds 1-1 ran with device cuda" in err and "will not match" in err

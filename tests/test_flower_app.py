@@ -57,6 +57,19 @@ def test_a_misspelt_run_config_key_that_reaches_the_server_app_fails_in_one_line
             run_id=9, node_id=0, node_config={}, state=RecordDict(), run_config={**declared, "rhoo": 0.1}))
 
 
+
+def test_a_setting_of_another_method_in_the_run_config_is_refused_as_fedsam_run_refuses_it(tmp_path):
+    """pyproject's defaults carry every method's settings; only one changed for a method that does
+    not take it is refused (``fedsam run --strategy scaffold --momentum-alpha 0.5`` is)."""
+    from simulations import config as configuration
+
+    declared = _pyproject()["tool"]["flwr"]["app"]["config"]
+    with pytest.raises(configuration.ConfigError, match="^run config: --strategy scaffold does not take momentum-alpha"):
+        server_app(grid=InProcessGrid(client_app, 1), context=Context(
+            run_id=9, node_id=0, node_config={}, state=RecordDict(),
+            run_config={**declared, "strategy": "scaffold", "momentum-alpha": 0.5, "out": str(tmp_path / "o")}))
+
+
 @pytest.mark.long
 def test_the_server_app_runs_an_experiment_from_the_run_config(cifar10_dir, tmp_path):
     run_config = {k: v for k, v in _pyproject()["tool"]["flwr"]["app"]["config"].items()}
