@@ -1,12 +1,18 @@
-"""Sharpness of a model: the top eigenvalue of the Hessian of its loss, by power iteration.
+"""Sharpness of a model: the top eigenvalue of the Hessian of its loss, by the Lanczos method.
 
 SAM's claim is that it finds flatter minima; ``λ_max(∇²L(w))`` is the usual number for how
-sharp a minimum is. Each power-iteration step is one Hessian-vector product (a double backward
-pass over the evaluation subset), ``v ← Hv / ‖Hv‖``, and ``λ ≈ vᵀHv`` (the Rayleigh quotient).
-The iteration starts from a seeded random direction and stops when λ changes by less than
-``tol`` (relative) or after ``iters`` products; an estimate that ran out of products is returned
-as such (``converged=False``), never passed off as converged. The model is evaluated in eval mode,
-so BatchNorm uses its running statistics and the loss is one fixed function of the weights.
+sharp a minimum is. Each Lanczos step is one Hessian-vector product (a double backward pass over
+the evaluation subset) and extends an orthonormal basis ``Q`` of the Krylov space; the largest
+eigenvalue ``θ`` of the small tridiagonal ``T = QᵀHQ`` is the estimate. Unlike power iteration,
+which finds the eigenvalue of largest *magnitude*, it converges to the largest *algebraic*
+eigenvalue directly, so a negative curvature direction away from a minimum cannot hide the top of
+the spectrum, and it needs far fewer products for the same accuracy. It stops when the Ritz pair's
+residual ``‖H y − θ y‖`` is below ``tol·|θ|`` (then ``θ`` is within that of an eigenvalue) or after
+``iters`` products; an estimate that ran out of products is returned as such
+(``converged=False``, a value below ``λ_max``), never passed off as converged. The basis is
+re-orthogonalised in full, which keeps ``iters`` model-sized vectors. The model is evaluated in
+eval mode, so BatchNorm uses its running statistics and the loss is one fixed function of the
+weights.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ Loss = Callable[[], torch.Tensor]
 class Eigenvalue(NamedTuple):
     value: float
     products: int  # Hessian-vector products spent
-    converged: bool  # the last two estimates agreed within ``tol``; else ``value`` is where the cap stopped
+    converged: bool  # the Ritz residual fell below ``tol``; else ``value`` is where the cap stopped
 
 
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
@@ -46,45 +52,38 @@ def hessian_vector_product(losses: Iterable[tuple[Loss, float]], params: list[to
     return out
 
 
-def _power_iteration(losses: list[tuple[Loss, float]], params: list[torch.Tensor], iters: int, tol: float,
-                     seed: int, shift: float) -> Eigenvalue:
-    """Dominant eigenvalue of ``H − shift·I``, by power iteration from a seeded direction."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    v = [torch.randn(p.shape, generator=generator).to(p) for p in params]
-    norm = torch.sqrt(_dot(v, v))
-    v = [x / norm for x in v]
-    eigenvalue = None
-    for step in range(1, iters + 1):
-        hv = hessian_vector_product(losses, params, v)
-        if shift:
-            hv = [h - shift * x for h, x in zip(hv, v)]
-        new = float(_dot(hv, v))
-        norm = torch.sqrt(_dot(hv, hv))
-        if norm == 0:
-            return Eigenvalue(0.0, step, True)
-        v = [x / norm for x in hv]
-        if eigenvalue is not None and abs(new - eigenvalue) <= tol * max(abs(new), 1e-12):
-            return Eigenvalue(new, step, True)
-        eigenvalue = new
-    return Eigenvalue(float(eigenvalue), iters, False)
-
-
 def top_eigenvalue(losses: list[tuple[Loss, float]], params: list[torch.Tensor], iters: int = 20,
                    tol: float = 1e-3, seed: int = 0) -> Eigenvalue:
     """The largest (most positive) Hessian eigenvalue of ``Σ_k w_k L_k`` at ``params``, the
-    Hessian-vector products it took, and whether it converged.
-
-    Power iteration finds the eigenvalue of largest magnitude. Away from a minimum that can be a
-    negative one; then a second pass on ``H − λ·I`` (whose dominant eigenvalue is
-    ``λ_max − λ ≥ 0``) finds the top of the spectrum. A first pass that ran out of products has not
-    settled which end of the spectrum dominates, so its sign decides nothing: it is returned
-    unconverged.
-    """
-    first = _power_iteration(losses, params, iters, tol, seed, 0.0)
-    if first.value >= 0 or not first.converged:
-        return first
-    shifted = _power_iteration(losses, params, iters, tol, seed + 1, first.value)
-    return Eigenvalue(shifted.value + first.value, first.products + shifted.products, shifted.converged)
+    Hessian-vector products it took, and whether it converged (Lanczos from a seeded direction)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    v = [torch.randn(p.shape, generator=generator).to(p) for p in params]
+    norm = float(torch.sqrt(_dot(v, v)))
+    basis = [[x / norm for x in v]]
+    alphas: list[float] = []
+    betas: list[float] = []
+    theta = 0.0
+    for step in range(1, iters + 1):
+        q = basis[-1]
+        w = hessian_vector_product(losses, params, q)
+        alphas.append(float(_dot(w, q)))
+        for _ in range(2):  # full re-orthogonalisation, twice: float32 vectors lose orthogonality fast
+            for b in basis:
+                coefficient = _dot(w, b)
+                torch._foreach_add_(w, b, alpha=-float(coefficient))
+        beta = float(torch.sqrt(_dot(w, w)))
+        tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+        values, vectors = torch.linalg.eigh(tridiagonal)
+        theta = float(values[-1])
+        residual = beta * abs(float(vectors[-1, -1]))  # ‖H y − θ y‖ for the Ritz vector y = Q s
+        if residual <= tol * max(abs(theta), 1e-12) or beta == 0.0:
+            return Eigenvalue(theta, step, True)
+        betas.append(beta)
+        basis.append([x / beta for x in w])
+    return Eigenvalue(theta, iters, False)
 
 
 def model_sharpness(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int | None = None,
