@@ -37,6 +37,15 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on: its affinity mask (``taskset``, a SLURM or container
+    allocation), not every core of the machine."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity masks on this platform (macOS)
+        return max(1, os.cpu_count() or 1)
+
+
 def eval_batch_size(device: torch.device) -> int:
     """Test-set batches: 1,000 images on a GPU, where fewer launches pay; 128 on a CPU, where small
     batches stay in cache and the CNN's activations stay below ``keep_freed_memory``'s mmap

@@ -89,6 +89,20 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def fedsam_version() -> str:
+    """The package version and, in a git checkout, the commit (with ``+dirty`` for local changes):
+    a bench's JSON says what code it measured."""
+    from fedsam import __version__
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty=+dirty"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__} ({commit})"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -460,10 +474,12 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except RuntimeError as exc:
         raise UsageError(str(exc)) from None
-    repeats = args.repeats or (2 if args.quick else 5)
-    rounds = args.rounds or (2 if args.quick else 20)
-    if repeats < 1 or rounds < 1:
-        raise UsageError("--repeats and --rounds must be >= 1")
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 20)
+    skip = set(filter(None, args.skip.split(",")))
+    if repeats < 1 or (rounds < 2 and "c" not in skip):
+        raise UsageError("--repeats must be >= 1 and --rounds >= 2 (the overhead part compares the rounds after "
+                         f"the first, which also starts Ray), got {repeats} and {rounds}")
     out = Path(args.out)  # checked now, not after minutes of measuring
     if (blocker := file_in_the_way(out.parent)) is not None:
         raise UsageError(f"--out {out}: {blocker} is a file, not a folder")
@@ -474,11 +490,14 @@ def run(args: argparse.Namespace) -> int:
             load("cifar10", args.data_dir)
         except Exception as exc:  # noqa: BLE001 - one line for any data problem
             raise UsageError(str(exc)) from None
-    skip = set(filter(None, args.skip.split(",")))
-    report: dict[str, Any] = {"machine": machine(device), "quick": args.quick, "repeats": repeats}
+    report: dict[str, Any] = {"machine": machine(device), "fedsam": fedsam_version(), "date": time.strftime("%Y-%m-%d"),
+                              "quick": args.quick, "repeats": repeats, "rounds": rounds, "skipped": sorted(skip),
+                              "data": args.data_dir or "synthetic"}
     print(f"fedsam bench on {report['machine']['cpu']} ({report['machine']['cores']} cores)"
           + (f", {report['machine']['gpu']}" if device.type == "cuda" else ", no GPU")
-          + f"; median of {repeats} after a warm-up", flush=True)
+          + f"; median of {repeats} after a warm-up"
+          + ("; --quick: a smoke run at tiny sizes, its figures are not speed measurements" if args.quick else ""),
+          flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def keep() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from fedsam.data import DataError, PartitionError, cached_partition, format_summary, label_counts, load, summarize
@@ -22,14 +23,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = config.resolve(config.flags_given(args))
-        config.validate(cfg)
+        # a split needs no rounds: clients-per-round (default 5) must not refuse 3 clients
+        config.validate(dataclasses.replace(cfg, clients_per_round=min(cfg.clients_per_round, cfg.num_clients)))
         data = load(cfg.dataset, cfg.data_dir, download=cfg.download)
         labels = data.train_labels.numpy()
         partition = cached_partition(labels, cfg.partition_spec(), data.num_classes)
     except (config.ConfigError, DataError, PartitionError) as exc:
         raise UsageError(str(exc)) from None
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: {exc.strerror or exc}") from None
     summary = summarize(partition, labels, data.num_classes)
     print(format_summary(cfg.dataset, partition, summary, len(labels)))
     write_partition_json(out / "partition.json", cfg.dataset, partition, summary)

@@ -113,11 +113,11 @@ def gpus_per_client(cfg: ExperimentConfig) -> float:
 def ray_workers(cfg: ExperimentConfig) -> int:
     """How many ClientApp actors Ray can run at once with these resources: this machine's cores and
     GPUs for a local Ray, the cluster's once it is up for ``--ray-address``."""
-    import os
-
     import torch
 
-    cpus, gpus = float(cfg.ray_num_cpus or os.cpu_count() or 1), float(torch.cuda.device_count())
+    from fedsam.runtime import usable_cpus
+
+    cpus, gpus = float(cfg.ray_num_cpus or usable_cpus()), float(torch.cuda.device_count())
     if cfg.ray_address:  # the ServerApp starts beside Flower's ray.init: wait for it, then ask the cluster
         import time
 

@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsam.runtime import usable_cpus
 from simulations import checkpoint
 from simulations import config as configuration
 from simulations.errors import UsageError
@@ -104,6 +106,9 @@ def parse_vary(items: list[str]) -> dict[str, list[Any]]:
             varied[key] = [configuration.coerce(field, v, f"--vary {key}") for v in parts]
         except ConfigError as exc:
             raise UsageError(str(exc)) from None
+        same = next((v for i, v in enumerate(varied[key]) if v in varied[key][:i]), None)
+        if same is not None:
+            raise UsageError(f"--vary {key}: two values mean the same setting ({same!r}); each run needs its own")
     if not varied:
         raise UsageError("give at least one --vary KEY=V1,V2,...")
     return varied
@@ -139,6 +144,10 @@ def plan(args: argparse.Namespace, sweep_dir: Path) -> list[PlannedRun]:
         params = dict(zip(varied, values))
         for seed in seeds:
             name = run_name(params, seed)
+            if any(run.name == name for run in runs):
+                other = next(run for run in runs if run.name == name)
+                raise UsageError(f"--vary: {other.params} and {params} would share the folder {name}; "
+                                 "give values that differ in letters, digits or . _ = + -")
             flags = {**base, **{k.replace("-", "_"): v for k, v in params.items()}, "seed": seed,
                      "out": str(sweep_dir / name)}
             cfg = configuration.resolve(flags, preset=args.preset, config_file=args.config).resolved()
@@ -190,15 +199,20 @@ def state_of(planned: PlannedRun) -> tuple[str, str]:
     return "resume", f"after round {reached}"
 
 
-def auto_parallel(cfg: ExperimentConfig) -> int:
+def auto_parallel(runs: list[PlannedRun]) -> int:
+    """How many runs fit side by side: the hungriest run's clients of a round on the cores this
+    process may use (or on the GPUs), whatever order the runs come in."""
     from simulations.run import gpus_per_client
 
-    gpus = gpus_per_client(cfg)
-    if gpus > 0:
-        import torch
+    def fits(cfg: ExperimentConfig) -> int:
+        gpus = gpus_per_client(cfg)
+        if gpus > 0:
+            import torch
 
-        return max(1, math.floor(torch.cuda.device_count() / (cfg.clients_per_round * gpus)))
-    return max(1, (os.cpu_count() or 1) // math.ceil(cfg.clients_per_round * cfg.num_cpus_per_client))
+            return max(1, math.floor(torch.cuda.device_count() / (cfg.clients_per_round * gpus)))
+        return max(1, usable_cpus() // math.ceil(cfg.clients_per_round * cfg.num_cpus_per_client))
+
+    return min(fits(run.cfg) for run in runs)
 
 
 def command(cfg: ExperimentConfig, ray_cpus: int, resume: bool = False) -> list[str]:
@@ -223,8 +237,9 @@ class ForwardSignals:
     finishes its round and checkpoints, and nothing new starts; a second Ctrl-C stops them at once.
     SIGTERM, or SIGHUP from a closed terminal: the runs get it too and the sweep exits."""
 
-    def __init__(self, running: Any) -> None:
+    def __init__(self, running: Any, ended: Any = None) -> None:
         self.running = running  # called on each signal: the processes to pass it to
+        self.ended = ended  # called with the signal before SIGTERM or SIGHUP ends the sweep
         self.interrupts = 0
         self.previous: dict[int, Any] = {}
 
@@ -242,6 +257,8 @@ class ForwardSignals:
 
     def _end(self, signum: int, frame: Any) -> None:
         self._pass_on(signum)
+        if self.ended is not None:
+            self.ended(signum)
         raise SystemExit(128 + signum)
 
     def __enter__(self) -> "ForwardSignals":
@@ -264,6 +281,18 @@ def _write_record(path: Path, record: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def time_left(run_seconds: list[float], active: list[tuple], queue: list, parallel: int) -> float | None:
+    """What the runs still to do should take: each the median time of the runs that finished
+    normally, less what the runs under way have already spent, shared over ``parallel`` slots;
+    ``None`` until a run has finished normally."""
+    if not run_seconds:
+        return None
+    typical = statistics.median(run_seconds)
+    now = time.monotonic()
+    under_way = sum(max(typical - (now - started), 0.0) for _, _, started, _ in active)
+    return (under_way + typical * len(queue)) / parallel
 
 
 def run_label(planned: PlannedRun) -> str:
@@ -294,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{sweep_dir / stale[0]} holds a run with other settings ({found[stale[0]][1]}); "
                          "use another --out")
     if args.parallel == "auto":
-        parallel = auto_parallel(runs[0].cfg)
+        parallel = auto_parallel(runs)
     else:
         try:
             parallel = int(args.parallel)
@@ -303,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
         if parallel < 1:
             raise UsageError(f"--parallel must be >= 1, got {parallel}")
     attached = bool(runs[0].cfg.ray_address)  # a running cluster brings its own resources
-    ray_cpus = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 and not attached else 0
+    ray_cpus = max(1, usable_cpus() // parallel) if parallel > 1 and not attached else 0
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "logs").mkdir(exist_ok=True)
@@ -327,7 +356,19 @@ def run(args: argparse.Namespace) -> int:
     queue = list(todo)
     shown: dict[str, int] = {}
     shown_at = 0.0
-    with ForwardSignals(lambda: [proc for _, proc, _, _ in active]) as interrupt:
+    run_seconds: list[float] = []  # how long the runs that finished normally took
+
+    def ended(signum: int) -> None:
+        """SIGTERM or SIGHUP: the runs under way end at once; sweep.json says so before the sweep exits."""
+        for planned, *_ in active:
+            record["runs"][planned.name].update(
+                status="stopped", error=f"the sweep was ended by {signal.Signals(signum).name}; running it "
+                                        "again continues this run from its last checkpoint")
+        _write_record(sweep_dir / "sweep.json", record)
+        print(f"sweep ended by {signal.Signals(signum).name}: {len(active)} run(s) under way stopped; "
+              "run the same command again to continue", file=sys.stderr, flush=True)
+
+    with ForwardSignals(lambda: [proc for _, proc, _, _ in active], ended) as interrupt:
         while (queue and not interrupt.stopping) or active:
             while queue and len(active) < parallel and not interrupt.stopping:
                 planned = queue.pop(0)
@@ -368,11 +409,16 @@ def run(args: argparse.Namespace) -> int:
                     outcome = "stopped"
                 else:
                     entry["status"] = "failed"
-                    entry["error"] = _last_error(sweep_dir / "logs" / f"{planned.name}.log")
+                    entry["error"] = (f"killed by {signal.Signals(-proc.returncode).name} from outside the sweep; "
+                                      "running the sweep again continues it from its last checkpoint"
+                                      if proc.returncode < 0 else _last_error(sweep_dir / "logs" / f"{planned.name}.log"))
                     outcome = f"FAILED (exit {proc.returncode}): {entry['error']}"
                 _write_record(sweep_dir / "sweep.json", record)
                 elapsed = time.monotonic() - started
-                eta = "" if interrupt.stopping else f" ETA {duration(elapsed / finished * (len(todo) - finished))}"
+                if entry["status"] == "done":
+                    run_seconds.append(entry["seconds"])
+                left = None if interrupt.stopping else time_left(run_seconds, active, queue, parallel)
+                eta = "" if left is None else f" ETA {duration(left)}"
                 print(f"[{skipped + finished:>{len(str(len(runs)))}}/{len(runs)}] {label} · {outcome} · "
                       f"{duration(entry['seconds'])} · sweep elapsed {duration(elapsed)}{eta}", flush=True)
     statuses = [entry["status"] for entry in record["runs"].values()]

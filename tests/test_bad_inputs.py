@@ -172,6 +172,9 @@ CASES = [
     # fedsam report
     (["report", "{tmp}/empty"], "holds no runs"),
     (["report", "{tmp}/missing"], "is not a folder"),
+    (["sweep", "--out", "{tmp}/s", "--data-dir", "{data}", "--vary", "lr=0.001,1e-3"],
+     "--vary lr: two values mean the same setting (0.001)"),
+    (["partition", "--data-dir", "{data}", "--out", "/proc/fedsam-split"], "--out /proc/fedsam-split:"),
 ]
 
 

@@ -63,12 +63,16 @@ def test_bench_writes_under_runs_by_default(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, stdout, stderr = run_cli(["bench", "--quick", "--device", "cpu", "--skip", "a,c,d,e,f"], capsys)
     assert code == 0, stderr
-    assert json.loads((tmp_path / "runs" / "bench.json").read_text())["quick"] is True
-    assert "wrote runs/bench.json" in stdout
+    report = json.loads((tmp_path / "runs" / "bench.json").read_text())
+    assert report["quick"] is True and report["skipped"] == ["a", "c", "d", "e", "f"] and report["fedsam"]
+    assert "wrote runs/bench.json" in stdout and "a smoke run at tiny sizes" in stdout
     (tmp_path / "a-file").write_text("")
     for out, fragment in (("a-file/bench.json", "a-file is a file, not a folder"), ("runs", "runs is a folder")):
         code, _, stderr = run_cli(["bench", "--quick", "--device", "cpu", "--out", out], capsys)
         assert code == 2 and stderr.count("\n") == 1 and fragment in stderr, stderr
+    for flags in (["--repeats", "0"], ["--rounds", "1"]):  # 0 is no "use the default"; 1 round has no later round
+        code, _, stderr = run_cli(["bench", "--quick", "--device", "cpu", *flags], capsys)
+        assert code == 2 and "--repeats must be >= 1 and --rounds >= 2" in stderr, stderr
 
 
 def test_the_peers_per_image_loader_augments_like_device_batches():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -239,11 +240,17 @@ def test_sigterm_ends_the_sweep_and_its_runs(cifar10_dir, tmp_path, capsys, fake
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=terminate_once_started, daemon=True).start()
-    code, _, _ = run_cli(["sweep", "--out", tmp_path / "grid", "--data-dir", cifar10_dir, "--vary", "strategy=fedavg",
-                          "--rounds", "2"], capsys)
+    code, _, stderr = run_cli(["sweep", "--out", tmp_path / "grid", "--data-dir", cifar10_dir, "--vary",
+                               "strategy=fedavg", "--rounds", "2"], capsys)
     assert code == 128 + signal.SIGTERM
+    assert "sweep ended by SIGTERM: 1 run(s) under way stopped" in stderr
+    entry = json.loads((tmp_path / "grid" / "sweep.json").read_text())["runs"]["strategy=fedavg__seed=0"]
+    assert entry["status"] == "stopped" and "ended by SIGTERM" in entry["error"]  # never left "running"
     pid = int((run / "pid").read_text())
-    assert os.waitpid(pid, 0)[1] == signal.SIGTERM  # killed by it, not left running in its own session
+    try:  # killed by it, not left running in its own session
+        assert os.waitpid(pid, 0)[1] == signal.SIGTERM
+    except ChildProcessError:  # already reaped: the sweep's Popen polls its child when it is collected
+        assert not pathlib.Path(f"/proc/{pid}").exists()
     assert not (run / "interrupts").exists()
     assert signal.getsignal(signal.SIGTERM) is sigterm_before
 
@@ -711,3 +718,21 @@ def test_a_configuration_that_did_not_measure_sharpness_gets_no_bar(tmp_path, ca
     code, _, stderr = run_cli(["report", grid], capsys)
     assert code == 0, stderr
     assert ticks["sharpness.png"] == ["lr=0.01"]
+
+
+def test_a_partition_needs_no_rounds_so_three_clients_are_fine(cifar10_dir, tmp_path, capsys):
+    """clients-per-round (a run's setting, 5 by default) does not refuse a split across 3 clients."""
+    code, stdout, stderr = run_cli(["partition", "--data-dir", cifar10_dir, "--num-clients", 3, "--out",
+                                    tmp_path / "split"], capsys)
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "split" / "partition.json").read_text())["num_clients"] == 3
+
+
+def test_the_eta_counts_the_runs_left_over_the_parallel_slots():
+    """Median run 100 s; one run under way for 30 s and four waiting, two slots: (70 + 400) / 2."""
+    from simulations.sweep import time_left
+
+    now = time.monotonic()
+    assert time_left([], [], [1], 2) is None
+    assert time_left([90.0, 100.0, 300.0], [(None, None, now - 30.0, None)], [1, 2, 3, 4], 2) == \
+        pytest.approx(235.0, abs=0.5)
