@@ -251,6 +251,11 @@ def comparable(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k != "out" and k.replace("-", "_") not in RESUMABLE}
 
 
+def first_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """The first key (in sorted order) whose value differs between two settings dicts, or ``None``."""
+    return next((k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)), None)
+
+
 def rounds_fixed(values: dict[str, Any]) -> str | None:
     """Why a started run's ``--rounds`` cannot change (its schedule spans the run), or ``None``."""
     if values.get("optimizer") == "ssam-d":

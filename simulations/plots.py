@@ -76,15 +76,11 @@ def _order(values) -> list:
     return sorted(set(values), key=lambda v: (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)))
 
 
-def _number(value) -> bool:
-    return finite(value) is not None
-
-
 def _mean_curve(runs, key: str = "test_accuracy") -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """``key`` against round, mean and std over the runs, on the rounds all of them recorded."""
     curves = []
     for r in runs:
-        points = {m["round"]: m[key] for m in r.metrics if _number(m.get(key))}
+        points = {m["round"]: m[key] for m in r.metrics if finite(m.get(key)) is not None}
         if points:
             curves.append(points)
     if not curves:

@@ -330,8 +330,6 @@ def versus(row: Row, base: Row) -> tuple[float | None, float | None, str]:
         df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if va + vb > 0 else 1.0
     else:  # a single seed has no spread, so no standard error
         return delta, None, "one seed: no verdict"
-    if se == 0:
-        return delta, se, "no clear difference" if delta == 0 else ("better" if delta > 0 else "worse")
     if abs(delta) <= t_quantile(1 - SIGNIFICANCE / 2, df) * se:
         return delta, se, "no clear difference"
     return delta, se, "better" if delta > 0 else "worse"

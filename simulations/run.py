@@ -21,7 +21,7 @@ from fedsam.optim import BUILTIN
 from simulations import checkpoint
 from simulations import config as configuration
 from simulations.errors import UsageError
-from simulations.config import RESUMABLE, ConfigError, ExperimentConfig, comparable, rounds_fixed
+from simulations.config import RESUMABLE, ConfigError, ExperimentConfig, comparable, first_difference, rounds_fixed
 from simulations.experiment import RunFailed, check, check_saved_partition, run_experiment, write_run_files
 from simulations.presets import PRESETS
 from simulations.ray_cluster import check_reachable
@@ -79,8 +79,7 @@ def resume_args(args: argparse.Namespace) -> tuple[ExperimentConfig, dict[str, A
         raise ConfigError(str(exc)) from None
     done = int(state["round"])
     kept, written = comparable(state["config"]), comparable(saved)
-    if kept != written:
-        name = next(k for k in sorted(set(kept) | set(written)) if kept.get(k) != written.get(k))
+    if (name := first_difference(kept, written)) is not None:
         raise ConfigError(f"{out}/{results.CONFIG} says --{name} {written.get(name)} but its checkpoint ran with "
                           f"{kept.get(name)}: the run's files disagree")
     if cfg.rounds < done:

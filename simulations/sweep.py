@@ -50,7 +50,8 @@ from fedsam.runtime import usable_cpus
 from simulations import checkpoint
 from simulations import config as configuration
 from simulations.errors import UsageError
-from simulations.config import RESUMABLE, ConfigError, ExperimentConfig, comparable, rounds_fixed, run_command
+from simulations.config import (RESUMABLE, ConfigError, ExperimentConfig, comparable, first_difference, rounds_fixed,
+                                run_command)
 from simulations.experiment import check
 from simulations.presets import PRESETS
 from simulations import results
@@ -180,8 +181,7 @@ def state_of(planned: PlannedRun) -> tuple[str, str]:
         return ("restart", "") if out.exists() else ("new", "")
     wanted = planned.cfg.to_dict()
     mine, theirs = comparable(wanted), comparable(saved)
-    if mine != theirs:
-        key = next(k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k))
+    if (key := first_difference(mine, theirs)) is not None:
         return "stale", f"--{key} {theirs.get(key)} instead of {mine.get(key)}"
     finished = results.is_finished(out)
     if saved.get("rounds") == wanted["rounds"] and finished:

@@ -94,9 +94,9 @@ class FedDyn(FedAvg):
         like = vectors.floats(self.current_arrays, self.parameter_keys)
         mean_drift = self.mean_drift if self.mean_drift is not None else vectors.zeros_like(like)
         for u in updates:
-            before = self.drift.get(u.partition_id, like)
-            stored = self.drift.set(u.partition_id, vectors.add(before, {k: u.delta[k] for k in like}), self.current_arrays)
-            mean_drift = vectors.add(mean_drift, vectors.sub(stored, before), 1.0 / self.sampler.num_clients)  # h̄ = mean_N(h_j)
+            own = vectors.add(self.drift.get(u.partition_id, like), {k: u.delta[k] for k in like})
+            mean_drift = vectors.add(mean_drift, self.drift.set(u.partition_id, own, self.current_arrays),
+                                     1.0 / self.sampler.num_clients)  # h̄ = mean_N(h_j), as stored
         self.mean_drift = mean_drift
         global_start = vectors.floats(self.current_arrays)
         finals = [vectors.add(self.starts.get(u.partition_id, global_start), u.delta) for u in updates]

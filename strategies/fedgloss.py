@@ -161,8 +161,9 @@ class FedGloSS(FedAvg):
             share = 1.0 / (self.sampler.num_clients * (sampled if self.dual == "reference" else 1))
             for u, delta in zip(updates, deltas):
                 own = self.client_duals.get(u.partition_id, params)
-                stored = self.client_duals.set(u.partition_id, vectors.add(own, delta, -1.0 / self.beta), self.current_arrays)
-                sigma = vectors.add(sigma, vectors.sub(stored, own), share)  # −Δ_i/(β·N·|S_t|), as σ_i stored it
+                changed = self.client_duals.set(u.partition_id, vectors.add(own, delta, -1.0 / self.beta),
+                                                self.current_arrays)
+                sigma = vectors.add(sigma, changed, share)  # −Δ_i/(β·N·|S_t|), as σ_i stored it
             self.dual_mean = sigma
         pseudo = vectors.scaled(vectors.weighted_mean(deltas, [u.num_examples for u in updates]), -1.0)
         self.pseudo_gradient = pseudo

@@ -95,8 +95,7 @@ class Scaffold(FedAvg):
             own = self.client_controls.get(u.partition_id, like)
             steps = self.fixed_steps or u.num_steps
             updated = {k: own[k] - control[k] - u.delta[k] / (steps * self.round_lr) for k in like}
-            stored = self.client_controls.set(u.partition_id, updated, self.current_arrays)
-            change = vectors.add(change, vectors.sub(stored, own))  # as stored, so c stays mean_N(c_j)
+            change = vectors.add(change, self.client_controls.set(u.partition_id, updated, self.current_arrays))
         self.control = vectors.add(control, change, 1.0 / self.sampler.num_clients)
         return arrays, metrics
 

@@ -89,12 +89,13 @@ class ClientStates:
 
     def set(self, partition_id: int, vector: Vector, like: ArrayRecord) -> Vector:
         """Store in the model's dtypes (``like``), as new arrays (``state`` relies on it), and return
-        what was stored, in float64: a running mean over the table (SCAFFOLD's ``c``, FedDyn's
-        ``h̄``) must add the stored change, not the unrounded one, or it drifts away from the mean of
-        the stored vectors by a rounding error every round."""
+        how the stored entry changed, in float64: a running mean over the table (SCAFFOLD's ``c``,
+        FedDyn's ``h̄``, FedGloSS's ``σ``) must add the stored change, not the unrounded one, or it
+        drifts away from the mean of the stored vectors by a rounding error every round."""
+        before = self.get(partition_id, vector)
         stored = {k: v.astype(like[k].numpy().dtype, copy=True) for k, v in vector.items()}
         self.entries[partition_id] = stored
-        return {k: v.astype(np.float64) for k, v in stored.items()}
+        return {k: v.astype(np.float64) - before[k] for k, v in stored.items()}
 
     def state(self) -> dict[str, Any]:
         """For the checkpoint: tensors keyed by partition id (as a string) and array name. The run
